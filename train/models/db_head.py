@@ -1,0 +1,78 @@
+"""Differentiable Binarization head (Liao et al., https://arxiv.org/abs/1911.08947).
+
+Two identical branches at stride 4 -> stride 1: ``binarize`` predicts the shrink (probability) map and
+``thresh`` the threshold map. Only ``binarize`` runs at inference, so released inference models do not carry
+``thresh`` weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import paddle
+import paddle.nn.functional as F
+from paddle import ParamAttr, nn
+from paddle.nn.initializer import Constant, KaimingUniform, Uniform
+
+
+def _bn_relu(channels: int) -> nn.BatchNorm:
+    # Legacy nn.BatchNorm with the ReLU fused in: PaddleOCR's layout (and auto names batch_norm_N).
+    return nn.BatchNorm(
+        num_channels=channels,
+        param_attr=ParamAttr(initializer=Constant(1.0)),
+        bias_attr=ParamAttr(initializer=Constant(1e-4)),
+        act="relu",
+    )
+
+
+def _transposed_x2(in_channels: int, out_channels: int) -> nn.Conv2DTranspose:
+    bound = 1.0 / math.sqrt(in_channels)
+    return nn.Conv2DTranspose(
+        in_channels,
+        out_channels,
+        kernel_size=2,
+        stride=2,
+        weight_attr=ParamAttr(initializer=KaimingUniform()),
+        bias_attr=ParamAttr(initializer=Uniform(-bound, bound)),
+    )
+
+
+class Head(nn.Layer):
+    """3x3 conv -> BN+ReLU -> x2 transposed conv -> BN+ReLU -> x2 transposed conv to 1 channel -> sigmoid."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        mid = in_channels // 4
+        self.conv1 = nn.Conv2D(in_channels, mid, 3, padding=1, weight_attr=ParamAttr(), bias_attr=False)
+        self.conv_bn1 = _bn_relu(mid)
+        self.conv2 = _transposed_x2(mid, mid)
+        self.conv_bn2 = _bn_relu(mid)
+        self.conv3 = _transposed_x2(mid, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.conv_bn1(self.conv1(x))
+        x = self.conv_bn2(self.conv2(x))
+        return F.sigmoid(self.conv3(x))
+
+
+class DBHead(nn.Layer):
+    """Eval: ``{'maps': shrink}`` (N,1,H,W). Train: ``{'maps': concat([shrink, thresh, binary], 1)}`` (N,3,H,W).
+
+    ``binary = 1 / (1 + exp(-k * (shrink - thresh)))`` is the differentiable step with amplification ``k``.
+    """
+
+    def __init__(self, in_channels: int, k: int = 50) -> None:
+        super().__init__()
+        self.k = k
+        self.binarize = Head(in_channels)
+        self.thresh = Head(in_channels)
+
+    def step_function(self, shrink: paddle.Tensor, thresh: paddle.Tensor) -> paddle.Tensor:
+        return paddle.reciprocal(1 + paddle.exp(-self.k * (shrink - thresh)))
+
+    def forward(self, x: paddle.Tensor) -> dict[str, paddle.Tensor]:
+        shrink = self.binarize(x)
+        if not self.training:
+            return {"maps": shrink}
+        thresh = self.thresh(x)
+        return {"maps": paddle.concat([shrink, thresh, self.step_function(shrink, thresh)], axis=1)}

@@ -1,0 +1,89 @@
+"""Named DB detectors with PaddleOCR's architecture arguments; Hydra configs point at these by ``_target_``.
+
+Each constructor builds inside a fresh ``paddle.utils.unique_name.guard()``, so the auto parameter names
+(``conv2d_0.w_0``, ...) are the same for every model built in a process and equal to those of PaddleOCR's own
+code built the same way. PaddleSlim keys pruning groups by these names, and a teacher and a student built in one
+process must not shift each other's names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import paddle
+
+from train.errors import ConfigError
+from train.models.db_head import DBHead
+from train.models.detector import DBDetector
+from train.models.fpn import DBFPN, RSEFPN
+from train.models.mobilenet_v3 import MobileNetV3
+from train.models.pplcnet_v3 import LearnableRepLayer, PPLCNetV3
+
+# Prefix for the auto names of the convs that ``rep()`` creates: a fresh unprefixed generator would hand out
+# ``conv2d_0.w_0`` again, a name the stem conv already has (PaddleSlim then merges the two and ``jit.save``
+# fails with "Duplicate parameter"). Paddle applies the prefix to both the layer and the parameter name, so the
+# names read ``rep_rep_conv2d_N.w_0``.
+REP_NAME_PREFIX = "rep_"
+
+
+def det_mv3_db() -> DBDetector:
+    """PaddleOCR ``configs/det/det_mv3_db.yml``: MobileNetV3-large x0.5 + DBFPN(256) + DBHead (1.84 M params)."""
+    with paddle.utils.unique_name.guard():
+        backbone = MobileNetV3(in_channels=3, model_name="large", scale=0.5, disable_se=False)
+        neck = DBFPN(backbone.out_channels, out_channels=256)
+        return DBDetector(backbone, neck, DBHead(neck.out_channels, k=50))
+
+
+def ppocrv3_det() -> DBDetector:
+    """PP-OCRv3 student: MobileNetV3-large x0.5 without SE + RSEFPN(96, shortcut) + DBHead (0.60 M params)."""
+    with paddle.utils.unique_name.guard():
+        backbone = MobileNetV3(in_channels=3, model_name="large", scale=0.5, disable_se=True)
+        neck = RSEFPN(backbone.out_channels, out_channels=96, shortcut=True)
+        return DBDetector(backbone, neck, DBHead(neck.out_channels, k=50))
+
+
+def ppocrv4_det(deploy: bool = True) -> DBDetector:
+    """PP-OCRv4 mobile: PPLCNetV3 x0.75 (det) + RSEFPN(96, shortcut) + DBHead.
+
+    ``deploy=True`` builds the fused form (255 state_dict entries, what released inference models hold);
+    ``deploy=False`` the multi-branch training form (905 entries, what PaddleOCR training checkpoints hold).
+    Convert the latter with ``reparameterize``.
+    """
+    with paddle.utils.unique_name.guard():
+        backbone = PPLCNetV3(scale=0.75, conv_kxk_num=4, lab_lr=0.1, det=True, deploy=deploy)
+        neck = RSEFPN(backbone.out_channels, out_channels=96, shortcut=True)
+        return DBDetector(backbone, neck, DBHead(neck.out_channels, k=50))
+
+
+_CONSTRUCTORS: dict[str, Callable[..., DBDetector]] = {
+    "det_mv3_db": det_mv3_db,
+    "ppocrv3_det": ppocrv3_det,
+    "ppocrv4_det": ppocrv4_det,
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_CONSTRUCTORS)
+
+
+def build_detector(name: str, **kwargs) -> DBDetector:
+    """Build a detector by name (for command lines and checkpoints that record the name as a string)."""
+    if name not in _CONSTRUCTORS:
+        raise ConfigError(f"unknown detector {name!r}; known: {', '.join(MODEL_NAMES)}")
+    return _CONSTRUCTORS[name](**kwargs)
+
+
+def is_deploy_form(model: paddle.nn.Layer) -> bool:
+    """True if no ``LearnableRepLayer`` inside still has its training branches (also true without any)."""
+    return all(layer.is_repped for layer in model.sublayers() if isinstance(layer, LearnableRepLayer))
+
+
+def reparameterize(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    """Fuse every ``LearnableRepLayer`` of ``model`` in place (eval-mode function preserved) and return it.
+
+    Runs under a prefixed ``unique_name`` generator so the new convs' auto names cannot collide with the names
+    the model was built with (see ``REP_NAME_PREFIX``). Afterwards the state_dict keys equal PaddleOCR's export
+    form (e.g. ``ppocrv4_det(deploy=True)``); parameter *names* differ from a directly built deploy model.
+    """
+    with paddle.utils.unique_name.guard(REP_NAME_PREFIX):
+        for layer in model.sublayers():
+            if isinstance(layer, LearnableRepLayer):
+                layer.rep()
+    return model

