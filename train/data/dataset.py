@@ -8,8 +8,9 @@ polygons never enter a tensor: an eval item carries its ``index`` and the caller
 
 from __future__ import annotations
 
+from itertools import count
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import cv2
 import numpy as np
@@ -123,6 +124,18 @@ def build_loader(
         num_workers=num_workers,
         collate_fn=collate,
     )
+
+
+def endless_batches(
+    dataset: DetDataset, batch_size: int, num_workers: int = 0
+) -> Iterator[dict[str, paddle.Tensor]]:
+    """Shuffled train batches as paddle tensors, epoch after epoch, with fresh augmentation every epoch."""
+    loader = build_loader(dataset, batch_size, num_workers=num_workers, drop_last=len(dataset) >= batch_size)
+    for epoch in count():
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            yield {key: value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
+                   for key, value in batch.items()}
 
 
 def build_split(

@@ -1,0 +1,43 @@
+"""Evaluate a DB detector on an eval split the way PaddleOCR's eval does: one image at a time at its resized
+shape, DB post-processing back to source coordinates, and the IoU detection metric against the original polygons.
+"""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from train.data.dataset import DetDataset
+from train.metric import DetMetric, DetScores
+from train.postprocess import DBPostProcess
+
+
+def predict_maps(model: paddle.nn.Layer, image_chw: np.ndarray) -> np.ndarray:
+    """The probability map [1, H, W] of one normalised CHW image (eval mode, no gradients)."""
+    with paddle.no_grad():
+        maps = model(paddle.to_tensor(image_chw[None]))["maps"]
+    return maps.numpy()[:, 0]
+
+
+def evaluate_detector(
+    model: paddle.nn.Layer,
+    dataset: DetDataset,
+    postprocess: DBPostProcess,
+    max_images: int | None = None,
+    progress: bool = True,
+) -> DetScores:
+    """hmean / precision / recall of `model` on the first `max_images` images of `dataset` (all by default).
+
+    The model is put in eval mode and left there.
+    """
+    if dataset.mode != "eval":
+        raise ValueError("evaluate_detector needs an eval-mode dataset (resize-for-test transform)")
+    model.eval()
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    metric = DetMetric()
+    for index in tqdm(range(count), desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True):
+        sample = dataset[index]
+        boxes = postprocess(predict_maps(model, sample["image"]), sample["shape"][None])[0]
+        regions = dataset.ground_truth(index)
+        metric.update(list(boxes.points), [r.points for r in regions], [r.ignore for r in regions])
+    return metric.compute()
