@@ -1,0 +1,297 @@
+"""Per-group sensitivity: how much a metric drops when one channel group alone is pruned by each ratio.
+
+The loss is PaddleSlim's `(base - pruned) / (base + 1e-3)`. The table is the search's prior, so it is cached on
+disk (JSON, keyed by weights, probe data, criterion, metric and ratios), written after every single evaluation so
+a killed scan resumes without recomputing anything, and a cache file that does not parse or does not carry the
+expected key is reported and rebuilt, never trusted. Raw values are kept; `curve()` makes them monotone in the
+ratio (pruning more never helps) before they are used as a prior.
+
+Two metrics: `hmean` (the detection metric, as the seed recipe uses) and the fast default `map_dice`, the Dice
+agreement between the pruned and the unpruned model's binarized probability maps, which needs no labels and no
+post-processing. `benchmarks/sensitivity_metrics.py` measures how well it ranks groups like hmean does.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from prune.groups import ChannelGroup, discover_groups
+from prune.plan import apply_plan, make_plan, weights_hash
+from train.data.dataset import DetDataset
+from train.errors import ConfigError
+from train.evaluation import evaluate_detector, predict_maps
+from train.postprocess import DBPostProcess
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+METRICS = ("map_dice", "hmean")
+LOSS_EPS = 1e-3
+
+
+def relative_loss(base: float, pruned: float) -> float:
+    """PaddleSlim's sensitivity loss: the metric's relative drop (negative when pruning helps)."""
+    return (base - pruned) / (base + LOSS_EPS)
+
+
+def ratio_label(ratio: float) -> str:
+    """JSON keys for ratios: short and stable (0.1 -> "0.1")."""
+    return f"{ratio:.4g}"
+
+
+@dataclass(frozen=True)
+class SensitivityKey:
+    """Everything a sensitivity table depends on; its digest names the cache file."""
+
+    model: str
+    weights_hash: str
+    data_hash: str
+    criterion: str
+    metric: str
+    ratios: tuple[float, ...]
+
+    def digest(self) -> str:
+        payload = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class CorruptCache(Exception):
+    """A cache file that cannot be trusted (unparsable, other schema, other key, non-finite values)."""
+
+
+@dataclass
+class SensitivityTable:
+    """Raw losses per prunable group and ratio (missing entries: not measured yet)."""
+
+    key: SensitivityKey
+    base: float
+    channels: dict[str, int]
+    losses: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        return self.key.ratios
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self.channels)
+
+    def has(self, group: str, ratio: float) -> bool:
+        return ratio_label(ratio) in self.losses.get(group, {})
+
+    def is_complete(self) -> bool:
+        return all(self.has(g, r) for g in self.channels for r in self.ratios)
+
+    def raw(self, group: str) -> np.ndarray:
+        measured = self.losses.get(group, {})
+        return np.array([measured.get(ratio_label(r), np.nan) for r in self.ratios], dtype=np.float64)
+
+    def curve(self, group: str) -> np.ndarray:
+        """The loss curve made monotone non-decreasing in the ratio (running maximum of the raw values)."""
+        return np.fmax.accumulate(self.raw(group))
+
+    def sensitivity(self, group: str) -> float:
+        """One number per group for ordering: the mean of its monotone curve."""
+        return float(np.nanmean(self.curve(group)))
+
+    def most_sensitive_first(self) -> list[str]:
+        return sorted(self.channels, key=self.sensitivity, reverse=True)
+
+    def max_ratio_under(self, group: str, budget: float) -> float:
+        """The largest grid ratio whose monotone loss stays within `budget` (0.0 when even the first does not)."""
+        allowed = [r for r, loss in zip(self.ratios, self.curve(group)) if loss <= budget]
+        return max(allowed, default=0.0)
+
+    def to_json(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "key": asdict(self.key), "base": self.base,
+                "channels": self.channels, "losses": self.losses, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SensitivityTable:
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise CorruptCache(f"schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        try:
+            key = SensitivityKey(**{**data["key"], "ratios": tuple(data["key"]["ratios"])})
+            table = cls(key=key, base=float(data["base"]), channels={str(k): int(v) for k, v in data["channels"].items()},
+                        losses={str(g): {str(r): float(v) for r, v in row.items()} for g, row in data["losses"].items()},
+                        seconds=float(data.get("seconds", 0.0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptCache(f"malformed table ({type(exc).__name__}: {exc})") from None
+        values = [table.base] + [v for row in table.losses.values() for v in row.values()]
+        if not all(math.isfinite(v) for v in values):
+            raise CorruptCache("non-finite value")
+        if set(table.losses) - set(table.channels):
+            raise CorruptCache("losses for groups the table does not list")
+        return table
+
+    def save(self, path: Path) -> None:
+        """Atomic write: a kill mid-write leaves the previous complete file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, key: SensitivityKey) -> SensitivityTable:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCache(f"unreadable ({type(exc).__name__}: {exc})") from None
+        if not isinstance(data, dict):
+            raise CorruptCache("not a JSON object")
+        table = cls.from_json(data)
+        if table.key != key:
+            raise CorruptCache("its key does not match the file name (edited or copied from another scan)")
+        return table
+
+
+class Probe(Protocol):
+    """Scores a model on the probe images; higher is better."""
+
+    metric: str
+
+    def score(self, model: paddle.nn.Layer) -> float: ...
+
+
+def _binarize(maps: np.ndarray, thresh: float) -> np.ndarray:
+    return maps > thresh
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks; two empty masks agree perfectly."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+class MapDiceProbe:
+    """Agreement of binarized probability maps with the unpruned model's (base score 1.0 by construction)."""
+
+    metric = "map_dice"
+
+    def __init__(self, dataset: DetDataset, images: int, reference: paddle.nn.Layer, thresh: float = 0.3):
+        self.inputs = [dataset[i]["image"] for i in range(min(images, len(dataset)))]
+        self.thresh = thresh
+        self.reference = [_binarize(predict_maps(reference, x), thresh) for x in self.inputs]
+
+    def score(self, model: paddle.nn.Layer) -> float:
+        model.eval()
+        return float(np.mean([dice(_binarize(predict_maps(model, x), self.thresh), ref)
+                              for x, ref in zip(self.inputs, self.reference)]))
+
+
+class HmeanProbe:
+    """hmean on the probe images, with the full DB post-processing and IoU metric."""
+
+    metric = "hmean"
+
+    def __init__(self, dataset: DetDataset, images: int, postprocess: DBPostProcess):
+        self.dataset, self.images, self.postprocess = dataset, images, postprocess
+
+    def score(self, model: paddle.nn.Layer) -> float:
+        return evaluate_detector(model, self.dataset, self.postprocess, self.images, progress=False).hmean
+
+
+def build_probe(metric: str, dataset: DetDataset, images: int, model: paddle.nn.Layer,
+                postprocess: DBPostProcess) -> Probe:
+    if metric == "map_dice":
+        return MapDiceProbe(dataset, images, model, postprocess.thresh)
+    if metric == "hmean":
+        return HmeanProbe(dataset, images, postprocess)
+    raise ConfigError(f"sensitivity.metric={metric!r}: known metrics are {', '.join(METRICS)}")
+
+
+def probe_fingerprint(dataset: DetDataset, images: int, resize: Sequence[object]) -> str:
+    """Hash of what the probe sees: the first `images` items' image bytes and labels, and the resize settings."""
+    digest = hashlib.sha256(json.dumps([str(v) for v in resize]).encode())
+    for item in dataset.items[:images]:
+        digest.update(item.image_path.read_bytes())
+        digest.update(json.dumps([[r.points.tolist(), r.ignore] for r in item.regions]).encode())
+    return digest.hexdigest()[:16]
+
+
+def check_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(r) for r in ratios)
+    if not values:
+        raise ConfigError("sensitivity.ratios is empty")
+    bad = [r for r in values if not 0.0 < r < 1.0]
+    if bad:
+        raise ConfigError(f"sensitivity.ratios {bad}: every ratio must be in (0, 1)")
+    if list(values) != sorted(set(values)):
+        raise ConfigError(f"sensitivity.ratios {list(values)}: must be strictly increasing")
+    return values
+
+
+def open_table(cache_file: Path, key: SensitivityKey, channels: dict[str, int]) -> SensitivityTable:
+    """The cached table for `key` (possibly partial), or a fresh one; a corrupt file is reported and set aside."""
+    if cache_file.exists():
+        try:
+            table = SensitivityTable.load(cache_file, key)
+            if table.channels == channels:
+                return table
+            reason = "its groups differ from the model's"
+        except CorruptCache as exc:
+            reason = str(exc)
+        aside = cache_file.with_name(f"{cache_file.name}.corrupt-{int(time.time())}")
+        os.replace(cache_file, aside)
+        log.warning("sensitivity cache %s is corrupt (%s): moved to %s, rebuilding", cache_file, reason, aside.name)
+    return SensitivityTable(key=key, base=math.nan, channels=channels)
+
+
+def compute_sensitivity(
+    model: paddle.nn.Layer,
+    model_name: str,
+    probe: Probe,
+    key: SensitivityKey,
+    cache_file: Path,
+    groups: list[ChannelGroup] | None = None,
+    progress: bool = True,
+) -> SensitivityTable:
+    """Fill (or finish) the sensitivity table of `model`'s prunable groups; saved after every evaluation.
+
+    Each evaluation prunes a copy of `model` (filters ranked on its current, trained weights) by one group and
+    one ratio, scores it with `probe`, and records the relative loss.
+    """
+    groups = discover_groups(model) if groups is None else groups
+    prunable = [g for g in groups if g.prunable]
+    table = open_table(cache_file, key, {g.name: g.channels for g in prunable})
+    if math.isnan(table.base):
+        table.base = probe.score(model)
+        table.save(cache_file)
+    todo = [(g, r) for g in prunable for r in key.ratios if not table.has(g.name, r)]
+    started = time.perf_counter()
+    for group, ratio in tqdm(todo, desc="sensitivity", unit="eval", disable=not progress or not todo,
+                             dynamic_ncols=True):
+        candidate = copy.deepcopy(model)
+        plan = make_plan(candidate, model_name, {group.name: ratio}, key.criterion, groups=groups)
+        apply_plan(candidate, plan, groups)
+        loss = relative_loss(table.base, probe.score(candidate))
+        table.losses.setdefault(group.name, {})[ratio_label(ratio)] = loss
+        table.seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        table.save(cache_file)
+    return table
+
+
+def sensitivity_key(model: paddle.nn.Layer, model_name: str, dataset: DetDataset, images: int,
+                    resize: Sequence[object], criterion: str, metric: str, ratios: Sequence[float]) -> SensitivityKey:
+    if metric not in METRICS:
+        raise ConfigError(f"sensitivity.metric={metric!r}: known metrics are {', '.join(METRICS)}")
+    if images < 1:
+        raise ConfigError(f"sensitivity.images={images}: need at least 1 probe image")
+    return SensitivityKey(model=model_name, weights_hash=weights_hash(model),
+                          data_hash=probe_fingerprint(dataset, images, resize), criterion=criterion, metric=metric,
+                          ratios=check_ratios(ratios))
+
