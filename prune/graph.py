@@ -19,7 +19,7 @@ from typing import Any
 import paddle
 from paddle.static import InputSpec
 
-from train.errors import ConfigError
+from train.models.detector import check_input_size as check_model_input_size
 
 # Attributes the coupling rules read; copying only these keeps the trace plain data.
 _ATTRS = ("axis", "groups", "dim", "keep_dim", "reduce_all", "data_format", "data_layout")
@@ -28,7 +28,6 @@ TRANSPOSED_CONV_OPS = ("conv2d_transpose",)
 # The FPN and DB-head strides multiply up to 32, and a 64-pixel side keeps the deepest map larger than 1x1,
 # so a 1x1 activation is always a squeeze (SE) tensor and never a real feature map.
 MIN_INPUT_SIDE = 64
-SIZE_MULTIPLE = 32
 
 
 @dataclass(frozen=True)
@@ -67,13 +66,8 @@ class TracedGraph:
 
 
 def check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
-    """``input_size`` as (H, W) ints, or ``ConfigError`` if the detector cannot run at that size."""
-    size = tuple(int(v) for v in input_size)
-    if len(size) != 2 or any(v < MIN_INPUT_SIDE or v % SIZE_MULTIPLE for v in size):
-        raise ConfigError(
-            f"input_size={list(input_size)}: need [H, W], each a multiple of {SIZE_MULTIPLE} and >= {MIN_INPUT_SIDE}"
-        )
-    return size  # type: ignore[return-value]
+    """``input_size`` as (H, W) ints, or ``ConfigError`` if the detector cannot be traced at that size."""
+    return check_model_input_size(input_size, minimum=MIN_INPUT_SIDE)
 
 
 def parameter_keys(model: paddle.nn.Layer) -> dict[str, str]:

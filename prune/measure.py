@@ -39,9 +39,6 @@ import dataclasses
 import statistics
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,24 +48,19 @@ import numpy as np
 import paddle
 from omegaconf import DictConfig
 from paddle import nn
-from paddle.base import framework
-from paddle.static import InputSpec
 
 from prune.plan import PruningPlan, apply_plan, load_pruned
 from train.cli import exit_on_user_error, print_result_line
 from train.errors import CheckpointError, ConfigError
+from train.inference import InferenceSession, eval_mode, export_inference, exported_size
+from train.models.detector import check_input_size
 from train.weights import load_detector
 
 SCHEMA_VERSION = 1
 # The detectors' FPN halves the input 5 times and adds upsampled maps back: sides must divide evenly.
-INPUT_MULTIPLE = 32
 # Which layers run does not depend on the input size, so parameters are counted on a small forward.
 PARAMS_PROBE_SIZE = (64, 64)
 
-EXPORT_PREFIX = "inference"
-PIR_MODEL_FILE = "inference.json"
-LEGACY_MODEL_FILE = "inference.pdmodel"  # what jit.save writes when the old IR is enabled (FLAGS_enable_pir_api=0)
-PARAMS_FILE = "inference.pdiparams"
 
 _CONVS = (nn.Conv1D, nn.Conv2D, nn.Conv3D)
 _TRANSPOSED_CONVS = (nn.Conv1DTranspose, nn.Conv2DTranspose, nn.Conv3DTranspose)
@@ -114,17 +106,6 @@ class Measurement:
         return cls(**{**data, "input_size": tuple(data["input_size"])})
 
 
-def check_input_size(input_size: Sequence[int], key: str = "input_size") -> tuple[int, int]:
-    """``input_size`` as ``(height, width)`` after checking both are positive multiples of 32.
-
-    A bad value raises ConfigError naming ``key`` (the config key it came from).
-    """
-    size = tuple(int(side) for side in input_size)
-    if len(size) != 2 or any(side <= 0 or side % INPUT_MULTIPLE for side in size):
-        raise ConfigError(f"{key}={list(size)}: need [height, width], positive multiples of {INPUT_MULTIPLE}")
-    return size  # type: ignore[return-value]
-
-
 def _numel(tensor: paddle.Tensor) -> int:
     return int(np.prod(tensor.shape))
 
@@ -165,18 +146,6 @@ class _Trace:
     params: int
 
 
-@contextmanager
-def _eval_mode(model: nn.Layer) -> Iterator[nn.Layer]:
-    """The model in eval mode for the duration, then back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        if was_training:
-            model.train()
-
-
 def _trace(model: nn.Layer, input_size: tuple[int, int]) -> _Trace:
     """One eval-mode forward of a (1, 3, H, W) batch with hooks counting FLOPs and collecting executed layers."""
     names = {id(layer): name for name, layer in model.named_sublayers(include_self=True)}
@@ -196,7 +165,7 @@ def _trace(model: nn.Layer, input_size: tuple[int, int]) -> _Trace:
 
     handles = [layer.register_forward_post_hook(hook) for layer in model.sublayers(include_self=True)]
     try:
-        with _eval_mode(model), paddle.no_grad():
+        with eval_mode(model), paddle.no_grad():
             model(paddle.ones([1, 3, *input_size], dtype="float32"))
     finally:
         for handle in handles:
@@ -227,76 +196,6 @@ def count_flops(model: nn.Layer, input_size: tuple[int, int] = (640, 640)) -> in
 def count_params(model: nn.Layer) -> int:
     """Parameter values the inference graph reads (excludes ``head.thresh``; see the module docstring)."""
     return _trace(model, PARAMS_PROBE_SIZE).params
-
-
-def inference_files(model_dir: str | Path) -> tuple[Path, Path]:
-    """(program file, params file) of an exported model: PIR ``inference.json`` or legacy ``inference.pdmodel``."""
-    model_dir = Path(model_dir)
-    params_file = model_dir / PARAMS_FILE
-    for name in (PIR_MODEL_FILE, LEGACY_MODEL_FILE):
-        if (model_dir / name).is_file() and params_file.is_file():
-            return model_dir / name, params_file
-    raise ConfigError(f"{model_dir}: no exported inference model ({PIR_MODEL_FILE} or {LEGACY_MODEL_FILE} "
-                      f"with {PARAMS_FILE})")
-
-
-@contextmanager
-def _fresh_struct_names() -> Iterator[None]:
-    # The program records every op's layer path ("/PPLCNetV3_1/ConvBNLayer/...") numbered by a process-global
-    # tree that grows with each export: without a fresh root, the same model exported later in a process writes
-    # a different (longer) file, and size_bytes would depend on what ran before.
-    saved = framework._name_struct
-    framework._name_struct = framework.NameStruct()
-    try:
-        yield
-    finally:
-        framework._name_struct = saved
-
-
-def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int, int] | None = None) -> Path:
-    """Save the eval-mode model for Paddle Inference into ``out_dir``; returns the program file's path.
-
-    ``input_size=None`` exports a dynamic (N, 3, H, W) input as PaddleOCR does; a size fixes (1, 3, H, W).
-    ``paddle.jit.save`` is given the layer itself, which converts a copy of ``forward``: the model stays an
-    ordinary dygraph layer (``paddle.jit.to_static(model)`` would replace its ``forward`` for good).
-    """
-    shape = [None, 3, None, None] if input_size is None else [1, 3, *check_input_size(input_size)]
-    out_dir = Path(out_dir)
-    with _eval_mode(model), _fresh_struct_names(), warnings.catch_warnings():
-        # The detectors return {"maps": ...}: with one key, the "sorted by key" order it warns about is moot.
-        warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
-        paddle.jit.save(model, str(out_dir / EXPORT_PREFIX), input_spec=[InputSpec(shape, "float32", "x")])
-    return inference_files(out_dir)[0]
-
-
-def exported_size(model_dir: str | Path) -> int:
-    """Bytes of the program file plus the params file of an exported model (what a deployment ships)."""
-    return sum(path.stat().st_size for path in inference_files(model_dir))
-
-
-class InferenceSession:
-    """A Paddle Inference CPU predictor over an exported model; call it with a float32 NCHW batch."""
-
-    def __init__(self, model_dir: str | Path, threads: int = 2, use_mkldnn: bool = True) -> None:
-        model_file, params_file = inference_files(model_dir)
-        config = paddle.inference.Config(str(model_file), str(params_file))
-        config.disable_gpu()
-        if use_mkldnn:
-            config.enable_mkldnn()
-        else:
-            config.disable_mkldnn()
-        config.set_cpu_math_library_num_threads(threads)
-        config.disable_glog_info()
-        self._predictor = paddle.inference.create_predictor(config)
-        self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
-        self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """The program's first output (the probability map, (N, 1, H, W)) for ``batch``."""
-        self._input.reshape(list(batch.shape))
-        self._input.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
-        self._predictor.run()
-        return self._output.copy_to_cpu()
 
 
 def _check_timing(threads: int, warmup: int, runs: int) -> None:

@@ -18,19 +18,8 @@ import pytest
 from paddle import nn
 
 from conftest import run_cli
-from prune.measure import (
-    PARAMS_FILE,
-    PIR_MODEL_FILE,
-    InferenceSession,
-    Measurement,
-    count_flops,
-    count_params,
-    export_inference,
-    exported_size,
-    layer_flops,
-    measure,
-    measure_latency,
-)
+from prune.measure import Measurement, count_flops, count_params, layer_flops, measure, measure_latency
+from train.inference import PARAMS_FILE, PIR_MODEL_FILE, InferenceSession, export_inference, exported_size
 from train.errors import ConfigError
 from train.models import zoo
 from train.trainer import save_weights

@@ -15,6 +15,7 @@ import pytest
 
 from train import weights
 from train.errors import CheckpointError, ConfigError
+from train.inference import InferenceSession
 from train.models import zoo
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -192,8 +193,8 @@ def pretrained() -> paddle.nn.Layer:
 
 
 @pytest.fixture(scope="module")
-def shipped_program(pretrained) -> weights.InferenceModelRunner:
-    return weights.InferenceModelRunner(weights.pretrained_model_dir())
+def shipped_program(pretrained) -> InferenceSession:
+    return InferenceSession(weights.pretrained_model_dir(), use_mkldnn=False)
 
 
 def _eval_maps(model: paddle.nn.Layer, x: np.ndarray) -> np.ndarray:

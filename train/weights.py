@@ -283,31 +283,3 @@ def load_pretrained_ppocrv4_det() -> DBDetector:
     assert is_deploy_form(model)
     model.eval()
     return model
-
-
-class InferenceModelRunner:
-    """Runs an exported legacy inference model (``inference.pdmodel`` + ``.pdiparams``) with Paddle Inference.
-
-    The reference against which dygraph re-implementations are checked. oneDNN is off by default so the
-    comparison is between the same plain CPU kernels; turn it on to measure deployment latency.
-    """
-
-    def __init__(self, model_dir: str | Path, use_mkldnn: bool = False, threads: int = 2) -> None:
-        model_dir = Path(model_dir)
-        config = paddle.inference.Config(str(model_dir / INFERENCE_MODEL_FILE), str(model_dir / INFERENCE_PARAMS_FILE))
-        config.disable_gpu()
-        if use_mkldnn:
-            config.enable_mkldnn()
-        else:
-            config.disable_mkldnn()
-        config.set_cpu_math_library_num_threads(threads)
-        config.disable_glog_info()
-        self._predictor = paddle.inference.create_predictor(config)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Probability map (N, 1, H, W) for a float32 NCHW batch; the program's first output (``sigmoid_0.tmp_0``)."""
-        handle = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
-        handle.reshape(list(x.shape))
-        handle.copy_from_cpu(np.ascontiguousarray(x, dtype=np.float32))
-        self._predictor.run()
-        return self._predictor.get_output_handle(self._predictor.get_output_names()[0]).copy_to_cpu()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import paddle
 from paddle import nn
 
+from train.errors import ConfigError
+
 
 class DBDetector(nn.Layer):
     """Wraps three parts with the contract of PaddleOCR's ``BaseModel``.
@@ -22,3 +24,17 @@ class DBDetector(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> dict[str, paddle.Tensor]:
         return self.head(self.neck(self.backbone(x)))
+
+
+# The detectors' FPN halves the input 5 times and adds upsampled maps back: sides must divide evenly.
+INPUT_MULTIPLE = 32
+
+
+def check_input_size(input_size, key: str = "input_size", minimum: int = INPUT_MULTIPLE) -> tuple[int, int]:
+    """``input_size`` as ``(height, width)``: both multiples of 32 and at least ``minimum``, else a ConfigError
+    naming ``key`` (the config key the value came from)."""
+    size = tuple(int(side) for side in input_size)
+    if len(size) != 2 or any(side < minimum or side % INPUT_MULTIPLE for side in size):
+        raise ConfigError(f"{key}={list(size)}: need [height, width], multiples of {INPUT_MULTIPLE}, "
+                          f"each >= {minimum}")
+    return size  # type: ignore[return-value]

@@ -1,0 +1,111 @@
+"""The Paddle Inference format: export a dygraph detector, find an export's files, run it on CPU or GPU.
+
+One module so that measurement (latency, size), parity checks against the shipped PP-OCRv4 model and the
+export of a chosen trial all save and run models the same way.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import paddle
+from paddle import nn
+from paddle.base import framework
+from paddle.static import InputSpec
+
+from train.errors import ConfigError
+from train.models.detector import check_input_size
+
+EXPORT_PREFIX = "inference"
+PIR_MODEL_FILE = "inference.json"
+LEGACY_MODEL_FILE = "inference.pdmodel"  # what jit.save writes when the old IR is enabled (FLAGS_enable_pir_api=0)
+PARAMS_FILE = "inference.pdiparams"
+
+
+def inference_files(model_dir: str | Path) -> tuple[Path, Path]:
+    """(program file, params file) of an exported model: PIR ``inference.json`` or legacy ``inference.pdmodel``."""
+    model_dir = Path(model_dir)
+    params_file = model_dir / PARAMS_FILE
+    for name in (PIR_MODEL_FILE, LEGACY_MODEL_FILE):
+        if (model_dir / name).is_file() and params_file.is_file():
+            return model_dir / name, params_file
+    raise ConfigError(f"{model_dir}: no exported inference model ({PIR_MODEL_FILE} or {LEGACY_MODEL_FILE} "
+                      f"with {PARAMS_FILE})")
+
+
+@contextmanager
+def eval_mode(model: nn.Layer) -> Iterator[nn.Layer]:
+    """The model in eval mode for the duration, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
+@contextmanager
+def _fresh_struct_names() -> Iterator[None]:
+    # The program records every op's layer path ("/PPLCNetV3_1/ConvBNLayer/...") numbered by a process-global
+    # tree that grows with each export: without a fresh root, the same model exported later in a process writes
+    # a different (longer) file, and size_bytes would depend on what ran before.
+    saved = framework._name_struct
+    framework._name_struct = framework.NameStruct()
+    try:
+        yield
+    finally:
+        framework._name_struct = saved
+
+
+def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int, int] | None = None) -> Path:
+    """Save the eval-mode model for Paddle Inference into ``out_dir``; returns the program file's path.
+
+    ``input_size=None`` exports a dynamic (N, 3, H, W) input as PaddleOCR does; a size fixes (1, 3, H, W).
+    ``paddle.jit.save`` is given the layer itself, which converts a copy of ``forward``: the model stays an
+    ordinary dygraph layer (``paddle.jit.to_static(model)`` would replace its ``forward`` for good).
+    """
+    shape = [None, 3, None, None] if input_size is None else [1, 3, *check_input_size(input_size)]
+    out_dir = Path(out_dir)
+    with eval_mode(model), _fresh_struct_names(), warnings.catch_warnings():
+        # The detectors return {"maps": ...}: with one key, the "sorted by key" order it warns about is moot.
+        warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
+        paddle.jit.save(model, str(out_dir / EXPORT_PREFIX), input_spec=[InputSpec(shape, "float32", "x")])
+    return inference_files(out_dir)[0]
+
+
+def exported_size(model_dir: str | Path) -> int:
+    """Bytes of the program file plus the params file of an exported model (what a deployment ships)."""
+    return sum(path.stat().st_size for path in inference_files(model_dir))
+
+
+class InferenceSession:
+    """A Paddle Inference CPU predictor over an exported model; call it with a float32 NCHW batch.
+
+    oneDNN is what a CPU deployment uses (latency); parity checks against dygraph may turn it off to compare
+    the same plain kernels.
+    """
+
+    def __init__(self, model_dir: str | Path, threads: int = 2, use_mkldnn: bool = True) -> None:
+        model_file, params_file = inference_files(model_dir)
+        config = paddle.inference.Config(str(model_file), str(params_file))
+        config.disable_gpu()
+        if use_mkldnn:
+            config.enable_mkldnn()
+        else:
+            config.disable_mkldnn()
+        config.set_cpu_math_library_num_threads(threads)
+        config.disable_glog_info()
+        self._predictor = paddle.inference.create_predictor(config)
+        self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
+        self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """The program's first output (the probability map, (N, 1, H, W)) for ``batch``."""
+        self._input.reshape(list(batch.shape))
+        self._input.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
+        self._predictor.run()
+        return self._output.copy_to_cpu()
