@@ -17,7 +17,7 @@ from train.runtime import set_device
 from train.weights import load_detector
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_evaluate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     set_device(cfg.device)

@@ -26,7 +26,7 @@ from train.weights import load_detector
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_finetune")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     set_device(cfg.device)
