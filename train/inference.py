@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -61,20 +61,24 @@ def _fresh_struct_names() -> Iterator[None]:
         framework._name_struct = saved
 
 
-def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int, int] | None = None) -> Path:
+def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int, int] | None = None,
+                     legacy: bool = False) -> Path:
     """Save the eval-mode model for Paddle Inference into ``out_dir``; returns the program file's path.
 
     ``input_size=None`` exports a dynamic (N, 3, H, W) input as PaddleOCR does; a size fixes (1, 3, H, W).
+    Paddle 3's format (``inference.json``) by default; ``legacy=True`` writes ``inference.pdmodel`` (+ ``.info``),
+    which Paddle Lite's opt and older C++ deploy tools need (on paddle 3.1.1 both run in Paddle Inference).
     ``paddle.jit.save`` is given the layer itself, which converts a copy of ``forward``: the model stays an
     ordinary dygraph layer (``paddle.jit.to_static(model)`` would replace its ``forward`` for good).
     """
     shape = [None, 3, None, None] if input_size is None else [1, 3, *check_input_size(input_size)]
     out_dir = Path(out_dir)
-    with eval_mode(model), _fresh_struct_names(), warnings.catch_warnings():
+    program_ir = paddle.pir_utils.OldIrGuard() if legacy else nullcontext()
+    with eval_mode(model), _fresh_struct_names(), program_ir, warnings.catch_warnings():
         # The detectors return {"maps": ...}: with one key, the "sorted by key" order it warns about is moot.
         warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
         paddle.jit.save(model, str(out_dir / EXPORT_PREFIX), input_spec=[InputSpec(shape, "float32", "x")])
-    return inference_files(out_dir)[0]
+    return out_dir / (LEGACY_MODEL_FILE if legacy else PIR_MODEL_FILE)
 
 
 def exported_size(model_dir: str | Path) -> int:
