@@ -54,6 +54,7 @@ from train.cli import exit_on_user_error, print_result_line
 from train.errors import CheckpointError, ConfigError
 from train.inference import InferenceSession, eval_mode, export_inference, exported_size
 from train.models.detector import check_input_size
+from train.schema import checked_fields
 from train.weights import load_detector
 
 SCHEMA_VERSION = 1
@@ -95,14 +96,7 @@ class Measurement:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Measurement:
         """Inverse of ``to_json``; another schema version or unknown keys raise ConfigError."""
-        data = dict(data)
-        version = data.pop("schema_version", None)
-        if version != SCHEMA_VERSION:
-            raise ConfigError(f"Measurement schema_version={version!r}: expected {SCHEMA_VERSION}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ConfigError(f"Measurement: unknown key(s) {unknown}; known: {sorted(fields)}")
+        data = checked_fields(cls, data, SCHEMA_VERSION)
         return cls(**{**data, "input_size": tuple(data["input_size"])})
 
 

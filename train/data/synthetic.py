@@ -34,6 +34,7 @@ from shapely.geometry import Polygon
 from tqdm import tqdm
 
 from train.errors import ConfigError, DataError
+from train.schema import checked_fields
 
 SCHEMA_VERSION = 1
 # Part of the cache hash: bump it whenever a change here alters the rendered pixels or labels, so datasets
@@ -151,16 +152,7 @@ class SyntheticSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SyntheticSpec:
         """Inverse of ``to_json``; unknown keys, bad values or another schema version raise ConfigError."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"SyntheticSpec JSON must be an object, got {type(data).__name__}")
-        data = dict(data)
-        version = data.pop("schema_version", None)
-        if version != SCHEMA_VERSION:
-            raise ConfigError(f"SyntheticSpec schema_version={version!r}: expected {SCHEMA_VERSION}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ConfigError(f"SyntheticSpec: unknown key(s) {unknown}; known: {sorted(fields)}")
+        data = checked_fields(cls, data, SCHEMA_VERSION)
         try:
             return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
         except (TypeError, ValueError) as exc:
