@@ -1,0 +1,57 @@
+"""What recovery and adaptive-BN screening need from a plan, as plain data (train/ must not import prune/).
+
+Both compare the pruned student with its unpruned teacher channel by channel, so they need, for a tensor axis of
+the student, which teacher channels it kept. That is read from the groups' members: every pruned group removes
+its dropped channels from each (parameter, axis) it touches, which covers concat-fed convs, depthwise
+passthroughs and the head's input alike.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from prune.groups import ChannelGroup
+from prune.plan import PruningPlan
+
+HEAD_INPUT = ("head.binarize.conv1.weight", 1)
+_FUSED_WEIGHT = ".reparam_conv.weight"
+
+
+def kept_channels(plan: PruningPlan, groups: list[ChannelGroup], param: str, axis: int, size: int) -> list[int]:
+    """Teacher indices along ``axis`` of state_dict tensor ``param`` (``size`` long unpruned) that ``plan`` keeps,
+    sorted, i.e. in the student's order."""
+    removed: set[int] = set()
+    for group in groups:
+        kept = plan.kept.get(group.name)
+        if kept is None:
+            continue
+        dropped = set(range(group.channels)) - set(kept)
+        for member in group.members:
+            if member.param == param and member.axis == axis:
+                removed.update(member.indices[j] for j in dropped)
+    return [c for c in range(size) if c not in removed]
+
+
+def neck_feature_channels(plan: PruningPlan, groups: list[ChannelGroup], neck_channels: int) -> list[int]:
+    """Teacher neck-output channels (= input channels of the head's first conv) the student keeps, for feature
+    distillation (``train.recovery.recover(feature_channels=...)``); ``neck_channels``: unpruned width."""
+    param, axis = HEAD_INPUT
+    return kept_channels(plan, groups, param, axis, neck_channels)
+
+
+def backbone_feature_channels(plan: PruningPlan, groups: list[ChannelGroup],
+                              widths: list[int]) -> list[list[int]]:
+    """Per backbone output (``backbone.layer_list.i``, unpruned ``widths[i]`` channels): the teacher channels the
+    student keeps, for ``train.recovery.recover(backbone_channels=...)``."""
+    return [kept_channels(plan, groups, f"backbone.layer_list.{i}.weight", 0, width)
+            for i, width in enumerate(widths)]
+
+
+def statistics_at_kept(statistics: dict[str, tuple[np.ndarray, np.ndarray]], plan: PruningPlan,
+                       groups: list[ChannelGroup]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The teacher's per-layer conv statistics (``train.models.training_form.conv_statistics``) restricted to the
+    output channels the student kept, for ``unfuse(student, statistics=...)``."""
+    out = {}
+    for name, (mean, var) in statistics.items():
+        keep = kept_channels(plan, groups, name + _FUSED_WEIGHT, 0, len(mean))
+        out[name] = (mean[keep], var[keep])
+    return out

@@ -1,0 +1,379 @@
+"""Recovery fine-tuning: pull a pruned detector back to its unpruned teacher in a few hundred CPU steps.
+
+A pruned PP-OCRv4 det detects nothing before it is trained again (see the README), so every search trial ends
+with this short fine-tune. The student learns from the unpruned model (its probability map and, optionally, its
+neck features at the channels the student kept) on train crops; labels (the DB loss) can be mixed in. The
+teacher is the unpruned model in eval mode and never receives gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import paddle
+
+from train.data.dataset import DetDataset, endless_batches
+from train.data.transforms import build_train_transform
+from train.errors import ConfigError
+from train.loss import DBLoss
+from train.models.pplcnet_v3 import LearnableRepLayer
+from train.models.training_form import fuse, unfuse
+from train.trainer import Batch, FinetuneResult, FinetuneSettings, finetune
+
+MAP_LOSSES = ("kl", "l2", "dice")
+THRESH_INITS = ("keep", "copy", "fresh")
+BN_MODES = ("train", "frozen")
+_BATCH_NORMS = (paddle.nn.BatchNorm2D, paddle.nn.BatchNorm)
+# Largest probability-map difference tolerated between the fine-tuned training-form model and its fused export
+# before it counts as a fusion bug. Both are float32 computations of one function: on a recovered PP-OCRv4 det each
+# is ~1e-5 away from the float64 result (measured 6e-6 and 1.1e-5), so the check cannot be tighter than the noise.
+FUSE_TOLERANCE = 1e-4
+# `FinetuneResult.final_terms` entry with that difference (training form only).
+FUSED_DIFF = "fused_max_abs_diff"
+
+# Probabilities are clipped before logs so a saturated pixel (sigmoid output exactly 0 or 1 in float32) cannot
+# turn the loss into inf.
+_PROB_EPS = 1e-6
+
+
+@dataclass
+class RecoverySettings:
+    """How a pruned model is recovered; the defaults are the best measured setting (README, "Recovery fine-tuning").
+
+    Flat on purpose: ``RecoverySettings(**cfg.finetune)`` reads ``conf/finetune/recovery.yaml``.
+    ``map_weight``: distillation of the teacher's probability map (loss ``map_loss``); ``feature_weight``: L2 to
+    the teacher's neck output at the student's kept channels; ``label_weight``: the DB loss on the crop's labels
+    (0 turns it off, and then no label maps are needed). ``thresh_init`` says how the student's threshold branch
+    starts when labels are used ("keep" as it is, "copy" the binarize branch, "fresh" re-initialised).
+    """
+
+    steps: int = 150
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    batch_size: int = 8
+    crop_size: int = 320
+    augment: bool = True
+    map_weight: float = 1.0
+    map_loss: str = "kl"
+    feature_weight: float = 1.0
+    backbone_weight: float = 0.0
+    label_weight: float = 0.0
+    thresh_init: str = "keep"
+    training_form: bool = False
+    adaptive_bn: bool = False
+    calibration_batches: int = 4
+    bn_mode: str = "train"
+    weight_decay: float = 0.0
+    grad_clip_norm: float | None = 10.0
+    log_every: int = 10
+    save_every: int = 0
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.map_loss not in MAP_LOSSES:
+            raise ConfigError(f"finetune.map_loss={self.map_loss!r}: expected one of {list(MAP_LOSSES)}")
+        if self.thresh_init not in THRESH_INITS:
+            raise ConfigError(f"finetune.thresh_init={self.thresh_init!r}: expected one of {list(THRESH_INITS)}")
+        for name in ("map_weight", "feature_weight", "backbone_weight", "label_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 0")
+        if self.map_weight == self.feature_weight == self.backbone_weight == self.label_weight == 0:
+            raise ConfigError("finetune: map_weight, feature_weight, backbone_weight and label_weight are all 0; "
+                              "nothing to learn")
+        if self.bn_mode not in BN_MODES:
+            raise ConfigError(f"finetune.bn_mode={self.bn_mode!r}: expected one of {list(BN_MODES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"finetune.batch_size={self.batch_size}: must be >= 1")
+        if self.crop_size < 32 or self.crop_size % 32:
+            raise ConfigError(f"finetune.crop_size={self.crop_size}: must be a positive multiple of 32")
+
+    def trainer_settings(self) -> FinetuneSettings:
+        return FinetuneSettings(steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps,
+                                weight_decay=self.weight_decay, grad_clip_norm=self.grad_clip_norm,
+                                log_every=self.log_every, save_every=self.save_every)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def map_distillation(student: paddle.Tensor, teacher: paddle.Tensor, kind: str) -> paddle.Tensor:
+    """Mean per-pixel disagreement between two probability maps; 0 when they are equal.
+
+    "kl": Bernoulli KL(teacher || student), i.e. BCE against the teacher's soft map minus the teacher's own
+    entropy (same gradient as BCE, but 0 at agreement); "l2": squared error; "dice": 1 - soft Dice.
+    """
+    if kind == "kl":
+        s = student.clip(_PROB_EPS, 1 - _PROB_EPS)
+        t = teacher.clip(_PROB_EPS, 1 - _PROB_EPS)
+        return (t * (t.log() - s.log()) + (1 - t) * ((1 - t).log() - (1 - s).log())).mean()
+    if kind == "l2":
+        return ((student - teacher) ** 2).mean()
+    if kind == "dice":
+        return 1 - 2 * (student * teacher).sum() / ((student * student).sum() + (teacher * teacher).sum() + 1e-6)
+    raise ValueError(f"unknown map distillation {kind!r}")
+
+
+def feature_distillation(student: paddle.Tensor, teacher: paddle.Tensor) -> paddle.Tensor:
+    """Squared error relative to the teacher's mean square: scale-free, so one weight fits any neck.
+
+    The raw neck activations of PP-OCRv4 are large (their plain MSE after pruning is ~5e4), which would swamp the
+    map term and the gradient clip; relative to the teacher's energy the loss starts near 1 and is 0 at agreement.
+    """
+    return ((student - teacher) ** 2).mean() / ((teacher ** 2).mean() + 1e-12)
+
+
+def _select(features: paddle.Tensor, channels: paddle.Tensor | None) -> paddle.Tensor:
+    return features if channels is None else paddle.index_select(features, channels, axis=1)
+
+
+def _index(channels: Sequence[int] | None) -> paddle.Tensor | None:
+    return None if channels is None else paddle.to_tensor(list(channels), dtype="int64")
+
+
+class DistillationLoss:
+    """``loss_fn`` for ``train.trainer.finetune``: student vs. a frozen teacher on the same images.
+
+    Terms: ``map_weight`` x map distillation of the probability (shrink) map; ``feature_weight`` x
+    ``feature_distillation`` between the student's neck output and the teacher's at ``feature_channels`` (the
+    teacher channels the student kept, in the student's channel order; ``None`` = same width);
+    ``backbone_weight`` x the same on the 4 backbone outputs (``backbone_channels``: one index list per level);
+    ``label_weight`` x the DB loss on the batch's label maps. Student features are captured with forward hooks
+    (``close()`` removes them), so the model's own forward and state_dict keys are untouched.
+    """
+
+    def __init__(self, student: paddle.nn.Layer, teacher: paddle.nn.Layer, map_weight: float = 1.0,
+                 map_loss: str = "kl", feature_weight: float = 0.0,
+                 feature_channels: Sequence[int] | None = None, label_weight: float = 0.0,
+                 db_loss: DBLoss | None = None, backbone_weight: float = 0.0,
+                 backbone_channels: Sequence[Sequence[int] | None] | None = None) -> None:
+        if map_loss not in MAP_LOSSES:
+            raise ConfigError(f"map_loss={map_loss!r}: expected one of {list(MAP_LOSSES)}")
+        self.teacher = teacher
+        self.map_weight = map_weight
+        self.map_loss = map_loss
+        self.feature_weight = feature_weight
+        self.backbone_weight = backbone_weight
+        self.label_weight = label_weight
+        self.db_loss = db_loss if db_loss is not None else DBLoss()
+        self.channels = _index(feature_channels)
+        self.backbone_channels = [_index(c) for c in backbone_channels] if backbone_channels is not None else None
+        self._student: dict[str, object] = {}
+        self._hooks = []
+        if feature_weight:
+            self._hooks.append(student.neck.register_forward_post_hook(self._keeper("neck")))
+        if backbone_weight:
+            self._hooks.append(student.backbone.register_forward_post_hook(self._keeper("backbone")))
+        for parameter in teacher.parameters():
+            parameter.stop_gradient = True
+
+    def _keeper(self, name: str):
+        def keep(layer: paddle.nn.Layer, inputs: tuple, output) -> None:
+            self._student[name] = output
+        return keep
+
+    def close(self) -> None:
+        """Remove the hooks on the student."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def teacher_outputs(self, images: paddle.Tensor) -> dict[str, object]:
+        """The teacher's ``backbone`` outputs (list), ``neck`` output and probability map ``shrink`` for
+        ``images``, in eval mode without gradients."""
+        self.teacher.eval()
+        with paddle.no_grad():
+            backbone = self.teacher.backbone(images)
+            neck = self.teacher.neck(backbone)
+            shrink = self.teacher.head.binarize(neck)
+        return {"backbone": backbone, "neck": neck, "shrink": shrink}
+
+    def __call__(self, predicts: Mapping[str, paddle.Tensor], batch: Batch) -> dict[str, paddle.Tensor]:
+        maps = predicts["maps"]
+        teacher = self.teacher_outputs(batch["image"])
+        terms: dict[str, paddle.Tensor] = {}
+        total = paddle.zeros([], dtype=maps.dtype)
+        if self.map_weight:
+            terms["loss_map"] = map_distillation(maps[:, :1], teacher["shrink"], self.map_loss)
+            total = total + self.map_weight * terms["loss_map"]
+        if self.feature_weight:
+            student_features = self._student["neck"]
+            target = _select(teacher["neck"], self.channels)
+            if target.shape[1] != student_features.shape[1]:
+                raise ConfigError(f"feature distillation: the student's neck has {student_features.shape[1]} "
+                                  f"channels but {target.shape[1]} teacher channels were selected; pass the kept "
+                                  "channel indices of the neck output as feature_channels")
+            terms["loss_feature"] = feature_distillation(student_features, target)
+            total = total + self.feature_weight * terms["loss_feature"]
+        if self.backbone_weight:
+            levels = self._student["backbone"]
+            channels = self.backbone_channels or [None] * len(levels)
+            terms["loss_backbone"] = paddle.add_n([
+                feature_distillation(s, _select(t, c)) for s, t, c in zip(levels, teacher["backbone"], channels)
+            ]) / len(levels)
+            total = total + self.backbone_weight * terms["loss_backbone"]
+        if self.label_weight:
+            db = self.db_loss(predicts, batch)
+            terms["loss_label"] = db["loss"]
+            total = total + self.label_weight * db["loss"]
+        terms["loss"] = total
+        return terms
+
+
+def init_threshold_branch(model: paddle.nn.Layer, how: str) -> None:
+    """Set ``head.thresh`` for training: "keep" leaves it, "copy" copies ``head.binarize`` (shapes must match),
+    "fresh" re-initialises it as a new DBHead branch would be.
+
+    The threshold branch never runs at inference; it matters only through the DB loss (``label_weight > 0``).
+    """
+    if how == "keep":
+        return
+    head = model.head
+    if how == "copy":
+        source = head.binarize.state_dict()
+        target = head.thresh.state_dict()
+        mismatched = [k for k in target if list(target[k].shape) != list(source[k].shape)]
+        if mismatched:
+            raise ConfigError(f"thresh_init=copy: head.binarize.{mismatched[0]} has shape "
+                              f"{list(source[mismatched[0]].shape)} but head.thresh has "
+                              f"{list(target[mismatched[0]].shape)} (pruned head); use thresh_init=fresh or keep")
+        for key, tensor in target.items():
+            tensor.set_value(source[key])
+        return
+    if how == "fresh":
+        from train.models.db_head import Head
+
+        in_channels = head.thresh.conv1.weight.shape[1]
+        mid = head.thresh.conv1.weight.shape[0]
+        with paddle.utils.unique_name.guard("thresh_init_"):
+            fresh = Head(in_channels)
+        if fresh.conv1.weight.shape[0] != mid:
+            raise ConfigError(f"thresh_init=fresh: head.thresh has {mid} hidden channels, a new branch "
+                              f"{fresh.conv1.weight.shape[0]}")
+        fresh_state = fresh.state_dict()
+        for key, tensor in head.thresh.state_dict().items():
+            tensor.set_value(fresh_state[key])
+        return
+    raise ConfigError(f"thresh_init={how!r}: expected one of {list(THRESH_INITS)}")
+
+
+def recovery_dataset(train_set: DetDataset, settings: RecoverySettings) -> DetDataset:
+    """``train_set``'s images and labels with the recovery crop size (the split's own crop may differ)."""
+    if train_set.mode != "train":
+        raise ValueError("recovery needs the train split (random crops with label maps)")
+    return DetDataset(train_set.items, "train", build_train_transform(settings.crop_size, settings.augment),
+                      seed=settings.seed)
+
+
+def recover(
+    student: paddle.nn.Layer,
+    teacher: paddle.nn.Layer,
+    train_set: DetDataset,
+    settings: RecoverySettings,
+    feature_channels: Sequence[int] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+    checkpoint_prefix: Path | None = None,
+    backbone_channels: Sequence[Sequence[int]] | None = None,
+) -> FinetuneResult:
+    """Fine-tune the pruned ``student`` in place towards the unpruned ``teacher``; returns the loop's result.
+
+    ``train_set``: the train split (its crop size is replaced by ``settings.crop_size``). ``feature_channels``:
+    for each neck output channel of the student, the teacher channel it was cut from (the kept indices of the
+    concat-fed neck convs, in order); needed for feature distillation when the neck output was pruned;
+    ``backbone_channels`` likewise for the 4 backbone outputs (``backbone_weight``). The student ends in eval mode, in the form it came in (deploy form stays deploy form).
+    """
+    init_threshold_branch(student, settings.thresh_init)
+    dataset = recovery_dataset(train_set, settings)
+    probe = _calibration_images(dataset, settings)
+    unfused = settings.training_form and any(
+        isinstance(layer, LearnableRepLayer) and layer.is_repped for layer in student.sublayers())
+    if unfused:
+        unfuse(student, probe)
+    elif settings.adaptive_bn:
+        recalibrate_bn(student, iter({"image": images} for images in probe), len(probe))
+    # Without labels nothing reads the threshold map: skipping its branch saves about a fifth of every step.
+    overrides = _train_mode_overrides(student, freeze_bn=settings.bn_mode == "frozen",
+                                      skip_thresh=settings.label_weight == 0)
+    loss = DistillationLoss(student, teacher, map_weight=settings.map_weight, map_loss=settings.map_loss,
+                            feature_weight=settings.feature_weight, feature_channels=feature_channels,
+                            label_weight=settings.label_weight, backbone_weight=settings.backbone_weight,
+                            backbone_channels=backbone_channels)
+    batches: Iterator[Batch] = endless_batches(dataset, settings.batch_size, settings.num_workers)
+    try:
+        result = finetune(student, batches, loss, settings.trainer_settings(), checkpoint_prefix=checkpoint_prefix,
+                          on_step=on_step, progress=progress)
+    finally:
+        loss.close()
+        overrides.remove()
+    if unfused:
+        result.final_terms[FUSED_DIFF] = _fuse_checked(student, probe[0])
+    return result
+
+
+def _calibration_images(dataset: DetDataset, settings: RecoverySettings) -> list[paddle.Tensor]:
+    """The first ``calibration_batches`` batches of train crops (fixed: epoch 0, dataset order)."""
+    count = min(len(dataset), max(1, settings.calibration_batches) * settings.batch_size)
+    images = [dataset[i]["image"] for i in range(count)]
+    return [paddle.to_tensor(np.stack(images[i:i + settings.batch_size]))
+            for i in range(0, count, settings.batch_size)]
+
+
+def _train_mode_overrides(model: paddle.nn.Layer, freeze_bn: bool, skip_thresh: bool):
+    """A forward pre-hook that undoes parts of ``model.train()`` (which ``finetune`` calls) before every forward.
+
+    ``freeze_bn``: every BN keeps using its running statistics. ``skip_thresh``: the DB head takes its inference
+    path (probability map only); only the head object itself is switched, its BNs still follow ``freeze_bn``.
+    """
+    norms = [layer for layer in model.sublayers() if isinstance(layer, _BATCH_NORMS)] if freeze_bn else []
+
+    def override(layer: paddle.nn.Layer, inputs: tuple) -> None:
+        if skip_thresh:
+            model.head.training = False
+        for norm in norms:
+            norm.eval()
+
+    return model.register_forward_pre_hook(override)
+
+
+def _fuse_checked(model: paddle.nn.Layer, images: paddle.Tensor) -> float:
+    """Fuse the training-form branches back (deploy form); returns how much the probability map moved."""
+    model.eval()
+    with paddle.no_grad():
+        before = model(images)["maps"]
+        fuse(model)
+        after = model(images)["maps"]
+    diff = float((before - after).abs().max())
+    assert diff <= FUSE_TOLERANCE, f"fusing the recovered model changed its output by {diff:.3g}"
+    return diff
+
+
+def recalibrate_bn(model: paddle.nn.Layer, batches: Iterator[Batch], steps: int) -> None:
+    """Re-estimate every BatchNorm's running mean/variance on ``steps`` train batches (adaptive BN, EagleEye).
+
+    Pruning shifts the activation statistics the BNs were fitted to; replacing them with the pruned model's own
+    (an equal-weight average over the batches, not an exponential one) is a cheap proxy for its recovered
+    quality. Weights are not changed. The model ends in eval mode.
+    """
+    norms = [layer for layer in model.sublayers() if isinstance(layer, _BATCH_NORMS)]
+    if not norms or steps < 1:
+        model.eval()
+        return
+    momenta = [layer._momentum for layer in norms]
+    for layer in norms:
+        layer._mean.set_value(paddle.zeros_like(layer._mean))
+        layer._variance.set_value(paddle.ones_like(layer._variance))
+    model.train()
+    try:
+        with paddle.no_grad():
+            for step in range(1, steps + 1):
+                # running = momentum * running + (1 - momentum) * batch: momentum (n-1)/n keeps the plain mean.
+                for layer in norms:
+                    layer._momentum = (step - 1) / step
+                model(next(batches)["image"])
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer._momentum = momentum
+        model.eval()
