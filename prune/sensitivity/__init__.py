@@ -29,7 +29,10 @@ from tqdm import tqdm
 
 from prune.groups import ChannelGroup, discover_groups
 from prune.plan import apply_plan, make_plan, weights_hash
-from train.data.dataset import DetDataset
+from omegaconf import DictConfig
+
+from train.data.dataset import DetDataset, build_split
+from train.data.source import DataSource
 from train.errors import ConfigError
 from train.evaluation import evaluate_detector, predict_maps
 from train.postprocess import DBPostProcess
@@ -295,3 +298,24 @@ def sensitivity_key(model: paddle.nn.Layer, model_name: str, dataset: DetDataset
                           data_hash=probe_fingerprint(dataset, images, resize), criterion=criterion, metric=metric,
                           ratios=check_ratios(ratios))
 
+
+def table_for_config(cfg: DictConfig, model: paddle.nn.Layer, source: DataSource,
+                     groups: list[ChannelGroup] | None = None) -> tuple[SensitivityTable, Path]:
+    """The sensitivity table an app config asks for (groups `sensitivity`, `model`, `prune`, `postprocess`,
+    `data`), from its cache or measured now, and the cache file. `python -m prune.sensitivity` and the search
+    both come here, so either reuses the other's scan."""
+    scfg = cfg.sensitivity
+    if scfg.split not in ("train", "eval"):
+        raise ConfigError(f"sensitivity.split={scfg.split!r}: use train or eval")
+    label_file = source.train_label_file if scfg.split == "train" else source.eval_label_file
+    if label_file is None:
+        raise ConfigError("sensitivity.split=train but the dataset has no train split: set data.train_label_file "
+                          "or sensitivity.split=eval")
+    resize = (scfg.limit_side_len, "max")
+    probe_set = build_split(source.root, label_file, "eval", limit_side_len=resize[0], limit_type=resize[1],
+                            on_error=cfg.data.on_error)
+    key = sensitivity_key(model, cfg.model.name, probe_set, scfg.images, resize, cfg.prune.criterion, scfg.metric,
+                          scfg.ratios)
+    probe = build_probe(scfg.metric, probe_set, scfg.images, model, DBPostProcess(**cfg.postprocess))
+    cache_file = Path(scfg.cache_dir) / f"{cfg.model.name}-{key.digest()}.json"
+    return compute_sensitivity(model, cfg.model.name, probe, key, cache_file, groups, progress=cfg.progress), cache_file
