@@ -1,0 +1,130 @@
+"""What a search config means and whether it can work: objectives, value checks, and the settings a study freezes.
+
+Every check here runs before any model is loaded, so a mistyped override costs a second, not a sensitivity scan.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from train.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One study objective: its config name, Optuna direction and the trial metric that is its value."""
+
+    name: str
+    direction: str
+    metric: str
+
+
+# Costs are ratios to the unpruned model (pruned / unpruned), so values read the same on any model and input size.
+OBJECTIVES: dict[str, Objective] = {
+    "hmean": Objective("hmean", "maximize", "hmean"),
+    "flops": Objective("flops", "minimize", "flops_ratio"),
+    "latency": Objective("latency", "minimize", "latency_ratio"),
+}
+
+# Config sections whose values decide what a trial's numbers mean. A study remembers them at creation and refuses
+# to resume under different ones (the numbers would not be comparable); everything else (budget, sampler,
+# screening, selection, tracking) may change between invocations.
+FROZEN_SECTIONS = ("model", "data", "postprocess", "prune", "sensitivity", "finetune", "measure")
+FROZEN_SEARCH_KEYS = ("objectives", "space", "warm_start")
+# Where a cache lives does not change its content (it is keyed by content), and it follows $OCRDET_CACHE_DIR.
+_UNFROZEN_LEAVES = ("cache_dir",)
+
+
+def objectives(names: list[str]) -> list[Objective]:
+    """The configured objectives; `hmean` plus at least one cost, each named once."""
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        raise ConfigError(f"search.objectives: unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"search.objectives={list(names)}: each objective at most once")
+    if "hmean" not in names or len(names) < 2:
+        raise ConfigError(f"search.objectives={list(names)}: needs hmean and at least one of flops, latency")
+    return [OBJECTIVES[n] for n in names]
+
+
+def _positive_or_null(cfg: DictConfig, section: str, key: str) -> None:
+    value = cfg[key]
+    if value is not None and not value > 0:
+        raise ConfigError(f"search.{section}.{key}={value}: must be > 0 or null")
+
+
+def check_search_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first search setting that cannot work."""
+    search = cfg.search
+    objectives(list(search.objectives))
+    if search.n_trials < 1:
+        raise ConfigError(f"search.n_trials={search.n_trials}: must be >= 1")
+    if search.max_failures < 1:
+        raise ConfigError(f"search.max_failures={search.max_failures}: must be >= 1")
+    if cfg.sensitivity.split not in ("train", "eval"):
+        raise ConfigError(f"sensitivity.split={cfg.sensitivity.split!r}: use train or eval")
+    if cfg.prune.align < 1:
+        raise ConfigError(f"prune.align={cfg.prune.align}: must be >= 1")
+    for target in search.warm_start.seed_rule_targets:
+        if not 0.0 < target < 1.0:
+            raise ConfigError(f"search.warm_start.seed_rule_targets: {target} is not a FLOPs reduction in (0, 1)")
+    if not 0.0 < search.warm_start.tolerance < 1.0:
+        raise ConfigError(f"search.warm_start.tolerance={search.warm_start.tolerance}: must be in (0, 1)")
+    space = search.space
+    if not space.loss_budget > 0:
+        raise ConfigError(f"search.space.loss_budget={space.loss_budget}: must be > 0")
+    low, high = space.skip_probability
+    if not 0.0 < low <= high < 1.0:
+        raise ConfigError(f"search.space.skip_probability=[{low}, {high}]: need 0 < low <= high < 1")
+    screening = search.screening
+    if screening.margin < 0:
+        raise ConfigError(f"search.screening.margin={screening.margin}: must be >= 0")
+    if screening.bn_batches < 0 or screening.max_images < 1:
+        raise ConfigError(f"search.screening: bn_batches={screening.bn_batches} must be >= 0 and "
+                          f"max_images={screening.max_images} >= 1")
+    for key in ("max_flops_ratio", "max_latency_ratio", "min_hmean"):
+        _positive_or_null(search.constraints, "constraints", key)
+    for key in ("max_flops_ratio", "max_latency_ratio"):
+        _positive_or_null(search.select, "select", key)
+
+
+def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
+    else:
+        out[prefix] = node
+
+
+def task_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` without Hydra's own node: the sweeper's config carries it, and parts of it resolve only inside a job."""
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as dotted keys -> values (lists stay lists), without Hydra's own node."""
+    container = OmegaConf.to_container(task_config(cfg), resolve=True)
+    out: dict[str, Any] = {}
+    _flatten(container, "", out)
+    return out
+
+
+def frozen_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a study is created with and must be resumed with (see FROZEN_SECTIONS)."""
+    flat = flat_config(cfg)
+    prefixes = tuple(f"{s}." for s in FROZEN_SECTIONS) + tuple(f"search.{k}" for k in FROZEN_SEARCH_KEYS)
+    return {k: v for k, v in sorted(flat.items())
+            if k.startswith(prefixes) and k.rsplit(".", 1)[-1] not in _UNFROZEN_LEAVES}
+
+
+def check_same_settings(stored: dict[str, Any], current: dict[str, Any], study_name: str) -> None:
+    """ConfigError naming the first setting that differs from the study's (a resumed study must not drift)."""
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if json.dumps(old) != json.dumps(new):
+            raise ConfigError(f"{key}={json.dumps(new)}, but study {study_name!r} was created with "
+                              f"{json.dumps(old)}: pass {key}={json.dumps(old)} to resume it, or set "
+                              "search.study_name=<new name> for a new study")

@@ -1,0 +1,189 @@
+"""The study's result for people: Pareto front, knee, the chosen trial, and the front as a table, CSV and plot.
+
+Plain functions over `TrialRecord`s, so the rules are tested on hand-made points; the sweeper builds the records
+from the Optuna study.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend first: no display on servers)
+import numpy as np  # noqa: E402
+
+from search.config import Objective  # noqa: E402
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A finished (complete) trial as the study summary needs it; ratios are pruned / unpruned."""
+
+    number: int
+    hmean: float
+    precision: float
+    recall: float
+    flops_ratio: float
+    latency_ratio: float
+    params: int
+    run_id: str
+    baseline: str = ""          # "seed_rule", "unpruned" or ""
+    target_reduction: float | None = None
+    feasible: bool = True
+
+    @property
+    def flops_reduction(self) -> float:
+        return 1.0 - self.flops_ratio
+
+    @property
+    def speedup(self) -> float:
+        return 1.0 / self.latency_ratio
+
+
+def _oriented(record: TrialRecord, objectives: Sequence[Objective]) -> tuple[float, ...]:
+    """Objective values turned so that smaller is better for every one."""
+    return tuple(-getattr(record, o.metric) if o.direction == "maximize" else getattr(record, o.metric)
+                 for o in objectives)
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """`a` dominates `b` (both minimized): no worse anywhere, better somewhere."""
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def pareto_front(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> list[TrialRecord]:
+    """The feasible records no other feasible record dominates, by trial number (as Optuna's `best_trials`)."""
+    feasible = [r for r in records if r.feasible]
+    values = {r.number: _oriented(r, objectives) for r in feasible}
+    return sorted((r for r in feasible if not any(dominates(values[o.number], values[r.number]) for o in feasible)),
+                  key=lambda r: r.number)
+
+
+def knee(front: Sequence[TrialRecord], objectives: Sequence[Objective]) -> TrialRecord:
+    """The knee of a front: the point farthest below the chord between its two extremes (two objectives, three or
+    more points), otherwise the point nearest the ideal (hmean 1, zero cost).
+
+    Values are compared on their own scales: hmean and the cost ratios all live in [0, 1], so 0.1 hmean weighs
+    like 10% of the unpruned model's cost. (Scaling by the front's own span would make any two points tie.)
+    """
+    if not front:
+        raise ValueError("knee of an empty front")
+    # Ties (e.g. a straight front, where every point scores 0) go to the higher hmean.
+    front = sorted(front, key=lambda r: -r.hmean)
+    values = np.array([_oriented(r, objectives) for r in front], dtype=np.float64)
+    first, last = values[np.argmin(values[:, 0])], values[np.argmax(values[:, 0])]
+    chord = last - first
+    if len(front) >= 3 and len(objectives) == 2 and np.linalg.norm(chord) > 0:
+        # Signed, negative on the ideal corner's side: the deepest bulge wins, a concave stretch never.
+        distance = chord[0] * (values[:, 1] - first[1]) - chord[1] * (values[:, 0] - first[0])
+        return front[int(np.argmin(distance))]
+    ideal = np.array([-1.0 if o.direction == "maximize" else 0.0 for o in objectives])
+    return front[int(np.argmin(np.linalg.norm(values - ideal, axis=1)))]
+
+
+@dataclass(frozen=True)
+class Selection:
+    record: TrialRecord
+    reason: str
+
+
+def select(front: Sequence[TrialRecord], objectives: Sequence[Objective], max_flops_ratio: float | None,
+           max_latency_ratio: float | None) -> Selection:
+    """Highest hmean on the front within the configured cost limits (fewer FLOPs breaks ties); if no point is
+    within them (or no limit is set), the knee."""
+    limits = [(name, attr, limit) for name, attr, limit in
+              (("max_flops_ratio", "flops_ratio", max_flops_ratio),
+               ("max_latency_ratio", "latency_ratio", max_latency_ratio)) if limit is not None]
+    within = [r for r in front if all(getattr(r, attr) <= limit for _, attr, limit in limits)]
+    if limits and within:
+        best = max(within, key=lambda r: (r.hmean, -r.flops_ratio))
+        described = " and ".join(f"{name}={limit:g}" for name, _, limit in limits)
+        return Selection(best, f"highest hmean with {described}")
+    reason = "knee of the front" + (" (no front point within the select limits)" if limits else "")
+    return Selection(knee(front, objectives), reason)
+
+
+def dominated_with_margin(hmean: float, cost: float, others: Sequence[tuple[float, float]], margin: float) -> bool:
+    """Screening rule: some other candidate costs no more and scores at least `margin` higher."""
+    return any(other_cost <= cost and other_hmean >= hmean + margin for other_hmean, other_cost in others)
+
+
+_COLUMNS = ("trial", "hmean", "precision", "recall", "flops_ratio", "flops_reduction", "latency_ratio", "speedup",
+            "params", "baseline", "target_reduction", "feasible", "run_id")
+
+
+def _row(record: TrialRecord) -> list[str]:
+    values = {f.name: getattr(record, f.name) for f in fields(record)}
+    values.update(trial=record.number, flops_reduction=record.flops_reduction, speedup=record.speedup)
+    out = []
+    for column in _COLUMNS:
+        value = values[column]
+        out.append(f"{value:.6f}" if isinstance(value, float) else "" if value is None else str(value))
+    return out
+
+
+def write_csv(records: Sequence[TrialRecord], path: Path) -> Path:
+    """One row per record (trial order) with the columns people compare."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(_COLUMNS)
+        writer.writerows(_row(r) for r in sorted(records, key=lambda r: r.number))
+    return path
+
+
+def format_front(front: Sequence[TrialRecord], chosen: int | None) -> str:
+    """The Pareto table as aligned text, fewest FLOPs first."""
+    lines = [f"{'trial':>5}  {'hmean':>6}  {'FLOPs red.':>10}  {'speed-up':>8}  {'baseline':<18}  mlflow run"]
+    for r in sorted(front, key=lambda r: r.flops_ratio):
+        base = r.baseline + (f" {r.target_reduction:.0%}" if r.target_reduction is not None else "")
+        mark = "  <- chosen" if r.number == chosen else ""
+        lines.append(f"{r.number:>5}  {r.hmean:>6.4f}  {r.flops_reduction:>10.1%}  {r.speedup:>7.2f}x  "
+                     f"{base:<18}  {r.run_id}{mark}")
+    return "\n".join(lines)
+
+
+def plot_front(records: Sequence[TrialRecord], front: Sequence[TrialRecord], chosen: int | None, path: Path,
+               screened: Sequence[tuple[float, float]] = (), cost: str = "flops_ratio") -> Path:
+    """hmean against cost ratio: every complete trial, the front as a line, baselines and the chosen trial marked.
+
+    `screened`: (screening hmean, cost ratio) of screened-out candidates, drawn faintly (they were not fine-tuned).
+    """
+    fig, ax = plt.subplots(figsize=(7.0, 4.8))
+    if screened:
+        ax.scatter([c for _, c in screened], [h for h, _ in screened], marker="x", color="0.75", s=22,
+                   label="screened out (before fine-tune)")
+    ax.scatter([getattr(r, cost) for r in records], [r.hmean for r in records], color="0.45", s=18, label="trials")
+    ordered = sorted(front, key=lambda r: getattr(r, cost))
+    ax.plot([getattr(r, cost) for r in ordered], [r.hmean for r in ordered], "-o", color="tab:orange", ms=5,
+            label="Pareto front")
+    for r in records:
+        if r.baseline == "seed_rule":
+            ax.scatter(getattr(r, cost), r.hmean, marker="s", facecolor="none", edgecolor="tab:blue", s=80)
+            ax.annotate(f"seed rule -{r.target_reduction:.0%}", (getattr(r, cost), r.hmean), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points", color="tab:blue")
+        elif r.baseline == "unpruned":
+            ax.scatter(getattr(r, cost), r.hmean, marker="D", facecolor="none", edgecolor="black", s=70)
+            ax.annotate("unpruned", (getattr(r, cost), r.hmean), fontsize=7, xytext=(-40, -12),
+                        textcoords="offset points")
+        if r.number == chosen:
+            ax.scatter(getattr(r, cost), r.hmean, marker="*", color="tab:red", s=220, zorder=5,
+                       label=f"chosen (trial {r.number})")
+    ax.scatter([], [], marker="s", facecolor="none", edgecolor="tab:blue", label="seed rule baselines")
+    label = {"flops_ratio": "inference FLOPs", "latency_ratio": "CPU latency"}.get(cost, cost)
+    ax.set_xlabel(f"{label}, pruned / unpruned")
+    ax.set_ylabel("hmean after fine-tune")
+    finite = [r.hmean for r in records if math.isfinite(r.hmean)]
+    ax.set_ylim(-0.02, max([1.0, *finite]) + 0.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,92 @@
+"""What a study is built on, computed once when it is created: the sensitivity table (the prior), the seed rule's
+plans at the warm-start FLOPs targets, the search space, and the unpruned model's measured cost (the reference
+every trial's ratios divide by).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import paddle
+from omegaconf import DictConfig
+
+from prune.groups import ChannelGroup, discover_groups
+from prune.measure import Measurement
+from prune.seed_rule import SeedRulePlan, seed_rule_plan
+from prune.sensitivity import SensitivityTable, table_for_config
+from search.objective import measure_model
+from search.space import SearchSpace, build_space, cut_counts
+from train.data.source import resolve_data
+from train.errors import ConfigError
+from train.weights import load_detector
+
+log = logging.getLogger(__name__)
+
+# A jump in the seed rule's FLOPs curve (one group entering at its first measured ratio) can straddle a tight
+# band around a target; the baseline then is the seed rule's plan within a band this many times wider.
+_TOLERANCE_WIDENING = (1, 2, 4)
+
+
+@dataclass
+class Prior:
+    table: SensitivityTable
+    space: SearchSpace
+    seed_rule: list[SeedRulePlan]
+    reference: Measurement
+    skipped_targets: dict[float, str] = field(default_factory=dict)
+
+
+def without_groups(table: SensitivityTable, names: list[str]) -> SensitivityTable:
+    """`table` as if `names` had never been measured (the seed rule then never cuts them)."""
+    return SensitivityTable(key=table.key, base=table.base,
+                            channels={g: c for g, c in table.channels.items() if g not in names},
+                            losses={g: row for g, row in table.losses.items() if g not in names}, seconds=table.seconds)
+
+
+def _seed_rule(cfg: DictConfig, model: paddle.nn.Layer, table: SensitivityTable, target: float,
+               groups: list[ChannelGroup]) -> SeedRulePlan | str:
+    """The seed rule's plan at `target` FLOPs reduction, or why it has none."""
+    reason = ""
+    for widening in _TOLERANCE_WIDENING:
+        try:
+            return seed_rule_plan(model, cfg.model.name, table, target, cfg.prune.criterion, cfg.prune.align,
+                                  tuple(cfg.prune.input_size), cfg.search.warm_start.tolerance * widening,
+                                  groups=groups)
+        except ConfigError as exc:
+            reason = str(exc)
+    return reason
+
+
+def check_always_skip(names: list[str], groups: list[ChannelGroup], model_name: str) -> None:
+    """ConfigError for a name that is not a prunable group (checked before the sensitivity scan)."""
+    prunable = [g.name for g in groups if g.prunable]
+    for name in names:
+        if name not in prunable:
+            raise ConfigError(f"search.space.always_skip: {name!r} is not a prunable group of {model_name}; "
+                              f"list them with `python -m prune.groups model={model_name}`")
+
+
+def build_prior(cfg: DictConfig) -> Prior:
+    """Everything `search.prior` holds, for the config's model, data and search settings."""
+    model = load_detector(cfg.model.name, cfg.model.checkpoint)
+    groups = discover_groups(model)
+    always_skip = list(cfg.search.space.always_skip)
+    source = resolve_data(cfg.data, progress=cfg.progress)
+    table, _ = table_for_config(cfg, model, source, groups)
+
+    seed_table = without_groups(table, always_skip)
+    plans, skipped = [], {}
+    for target in sorted(cfg.search.warm_start.seed_rule_targets):
+        outcome = _seed_rule(cfg, model, seed_table, float(target), groups)
+        if isinstance(outcome, str):
+            log.warning("warm start: no seed-rule plan at %.0f%% FLOPs reduction (%s)", 100 * target, outcome)
+            skipped[float(target)] = outcome
+        else:
+            log.info("warm start: seed rule at %.0f%% FLOPs reduction -> %.1f%% (threshold %.4g)", 100 * target,
+                     100 * outcome.reduction, outcome.threshold)
+            plans.append(outcome)
+
+    space = build_space(table, cfg.prune.align, cfg.search.space.loss_budget, always_skip,
+                        tuple(cfg.search.space.skip_probability), warm_start=[cut_counts(p.plan) for p in plans])
+    return Prior(table=table, space=space, seed_rule=plans,
+                 reference=measure_model(model, cfg), skipped_targets=skipped)

@@ -1,0 +1,136 @@
+"""MLflow for a study: one experiment per study, one parent run per study, one nested child run per trial.
+
+Everything goes through an explicit `MlflowClient` and run ids, never MLflow's process-global "active run":
+with Hydra's basic launcher the trial jobs run in the sweeper's own process, with other launchers in other
+processes or hosts, and a child finds its parent by the `mlflow.parentRunId` tag either way. Metric and
+parameter names are the same for every trial, so the MLflow UI can compare them (table, parallel coordinates,
+scatter).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import requests
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from search.study import mask_url
+from train.errors import ConfigError
+
+# MLflow's per-request limits for log_batch.
+_MAX_PARAMS = 100
+_MAX_METRICS = 1000
+_MAX_PARAM_LENGTH = 6000
+_HEALTH_TIMEOUT_S = 5.0
+
+
+def _param_value(value: Any) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return text if len(text) <= _MAX_PARAM_LENGTH else text[: _MAX_PARAM_LENGTH - 3] + "..."
+
+
+class RunLogger:
+    """Logs to one run; the `MetricSink` a trial reports to."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), _MAX_PARAMS):
+            self.client.log_batch(self.run_id, params=items[start:start + _MAX_PARAMS])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if math.isfinite(float(v))]
+        for start in range(0, len(items), _MAX_METRICS):
+            self.client.log_batch(self.run_id, metrics=items[start:start + _MAX_METRICS])
+
+    def log_series(self, name: str, values: list[float], first_step: int = 1) -> None:
+        """One metric over steps (e.g. the fine-tune loss per step)."""
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, first_step + i) for i, v in enumerate(values) if math.isfinite(v)]
+        for start in range(0, len(items), _MAX_METRICS):
+            self.client.log_batch(self.run_id, metrics=items[start:start + _MAX_METRICS])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, _param_value(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+class Tracker:
+    """The study's MLflow experiment on one tracking server or store."""
+
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None):
+        self.uri = uri
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def check(self) -> None:
+        """Fail fast with a one-line ConfigError when the tracking URI cannot be used.
+
+        An HTTP server is probed once with a short timeout (MLflow's own client retries for minutes).
+        """
+        where = mask_url(self.uri)
+        if self.uri.startswith(("http://", "https://")):
+            try:
+                requests.get(self.uri.rstrip("/") + "/health", timeout=_HEALTH_TIMEOUT_S).raise_for_status()
+            except requests.RequestException as exc:
+                raise ConfigError(f"tracking.uri={where}: MLflow server not reachable ({type(exc).__name__})") from None
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as exc:  # store back-ends raise MlflowException, SQLAlchemy and OS errors alike
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ConfigError(f"tracking.uri={where}: cannot use it ({type(exc).__name__}: {mask_url(first)})") from None
+
+    def experiment_id(self) -> str:
+        """Id of the study's experiment, created on first use (with the configured artifact location)."""
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.artifact_location:
+            Path(self.artifact_location).mkdir(parents=True, exist_ok=True)
+            location = Path(self.artifact_location).resolve().as_uri()
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=location)
+        except MlflowException:
+            # Another worker created it between the lookup and the create.
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+    def start_run(self, name: str, parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None) -> RunLogger:
+        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        if parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = self.client.create_run(self.experiment_id(), run_name=name,
+                                     tags={k: _param_value(v) for k, v in all_tags.items()})
+        return RunLogger(self.client, run.info.run_id)
+
+    def resume_run(self, run_id: str) -> RunLogger | None:
+        """The run `run_id` marked running again, or None when this store does not have it."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        if run.info.lifecycle_stage != "active":
+            return None
+        self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return RunLogger(self.client, run_id)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        RunLogger(self.client, run_id).set_tags(tags)

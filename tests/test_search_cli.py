@@ -1,0 +1,51 @@
+"""`python -m search multirun` when things go wrong: user errors fail fast in one line (exit 2) before any trial
+work and before the storage or tracking store is written; a diverging trial is recorded as failed and the study
+goes on until `search.max_failures`."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import run_cli
+from test_search_e2e import TINY_SEARCH
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.space.always_skip=[backbone.nope]",
+     "error: search.space.always_skip: 'backbone.nope' is not a prunable group of ppocrv4_det; list them with "
+     "`python -m prune.groups model=ppocrv4_det`"),
+    ("tracking.uri=http://127.0.0.1:9", "error: tracking.uri=http://127.0.0.1:9: MLflow server not reachable "
+                                        "(ConnectionError)"),
+    ("storage.url=postgresql://search:secret@127.0.0.1:9/optuna", "error: storage postgresql://search:***@127.0.0.1:9/"
+                                                                  "optuna: cannot open ("),
+    ("search.n_trials=3,4", "error: search.n_trials=3,4: sweep syntax is not supported here"),
+])
+def test_user_errors_are_one_line_before_any_work(tmp_path, cache_env, override, message):
+    out = tmp_path / "study"
+    proc = run_cli("search", ["multirun", *TINY_SEARCH, f"out_dir={out}", override], cache_env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert "secret" not in proc.stderr + proc.stdout
+    assert not (out / "optuna.db").exists() and not (out / "trials").exists()
+
+
+def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(tmp_path, cache_env):
+    out = tmp_path / "study"
+    proc = run_cli("search", ["multirun", *TINY_SEARCH, f"out_dir={out}", "finetune.lr=1e30", "search.n_trials=3",
+                              "search.max_failures=2", "search.warm_start.seed_rule_targets=[0.5]",
+                              "search.screening.enabled=false"], cache_env)
+    # The unpruned baseline is not fine-tuned, so it completes; the two fine-tuned trials diverge.
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("chosen_trial=0 hmean=")
+    assert "stopping: 2 trials failed in this run (search.max_failures=2); 1 of 3 finished" in proc.stdout
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out}/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    for trial in study.trials[1:]:
+        reason = trial.user_attrs["fail_reason"]
+        assert reason.startswith("TrainingDiverged: loss is nan at step"), reason
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == reason
+        assert "flops_ratio" in run.data.metrics                     # measured before fine-tuning diverged

@@ -1,0 +1,177 @@
+"""`python -m search multirun` end to end on a tiny study: result line, Optuna trials, MLflow runs and tags, resume.
+
+One real study (tiny synthetic images, 1-image sensitivity probe, 2 fine-tune steps, 64x64 measurement) is run
+once for the module; the tests read what it left in the Optuna storage and the MLflow store.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import TINY_SYNTHETIC, run_cli
+
+STUDY = "tiny"
+N_TRIALS = 5
+TINY_SEARCH = [
+    *TINY_SYNTHETIC,
+    "sensitivity.images=1", "sensitivity.ratios=[0.3,0.6]", "sensitivity.limit_side_len=96",
+    "finetune.steps=2", "finetune.batch_size=2", "finetune.crop_size=64", "finetune.warmup_steps=0",
+    "prune.input_size=[64,64]", "measure.runs=1", "measure.warmup=0",
+    "search.warm_start.seed_rule_targets=[0.3,0.5]", "search.screening.max_images=2",
+    "search.screening.bn_batches=0", "search.screening.margin=0", "progress=false",
+    f"search.study_name={STUDY}",
+]
+CHOSEN_LINE = re.compile(r"^chosen_trial=(\d+) hmean=(\d+\.\d+) flops_ratio=(\d+\.\d+) latency_ratio=(\d+\.\d+) "
+                         r"run_id=([0-9a-f]{32})$")
+
+
+def tiny_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["OCRDET_CACHE_DIR"] = str(root / "cache")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def run_study(out: Path, env: dict[str, str], *extra: str):
+    return run_cli("search", ["multirun", *TINY_SEARCH, f"search.n_trials={N_TRIALS}", f"out_dir={out}", *extra], env)
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    env = tiny_env(root)
+    out = root / "study"
+    proc = run_study(out, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db")
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    return proc, out, env, study, client
+
+
+def _runs(client: MlflowClient) -> tuple[object, list]:
+    experiment = client.get_experiment_by_name(STUDY)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    return parents[0], [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_last_line_names_the_chosen_trial(study_run):
+    proc, _, _, study, _ = study_run
+    match = CHOSEN_LINE.match(proc.stdout.strip().splitlines()[-1])
+    assert match, proc.stdout[-2000:]
+    number, hmean, flops_ratio, latency_ratio, run_id = match.groups()
+    chosen = study.trials[int(number)]
+    assert chosen.state == TrialState.COMPLETE and study.user_attrs["chosen_trial"] == int(number)
+    assert float(hmean) == pytest.approx(chosen.user_attrs["hmean"], abs=1e-6)
+    assert float(flops_ratio) == pytest.approx(chosen.user_attrs["flops_ratio"], abs=1e-6)
+    assert float(latency_ratio) == pytest.approx(chosen.user_attrs["latency_ratio"], abs=1e-6)
+    assert run_id == chosen.user_attrs["mlflow_run_id"]
+    assert int(number) in {t.number for t in study.best_trials}
+    assert "Pareto front of study 'tiny'" in proc.stdout
+
+
+def test_study_has_the_budget_of_finished_trials_with_the_warm_start_first(study_run):
+    _, out, _, study, _ = study_run
+    trials = study.trials
+    assert len(trials) == N_TRIALS
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert trials[0].user_attrs["baseline"] == "unpruned" and trials[0].user_attrs["ratios"] == "{}"
+    assert trials[0].user_attrs["flops_ratio"] == 1.0
+    assert [(t.user_attrs["baseline"], t.user_attrs["target_reduction"]) for t in trials[1:3]] == [
+        ("seed_rule", 0.3), ("seed_rule", 0.5)]
+    for t in trials[1:3]:
+        assert abs(1 - t.user_attrs["flops_ratio"] - t.user_attrs["target_reduction"]) <= 0.04
+    assert all("baseline" not in t.user_attrs for t in trials[3:])
+    # Unrecalibrated pruned candidates score 0 at screening, so with margin 0 every sampled one that costs no less
+    # than the seed rule's -50% plan is screened out; the budget counts them.
+    assert any(t.state == TrialState.PRUNED for t in trials)
+    for t in trials:
+        assert (out / "trials" / str(t.number) / "plan.json").is_file()
+        assert (out / "trials" / str(t.number) / ".hydra" / "config.yaml").is_file()
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["screened_out"] is True and "hmean" not in t.user_attrs
+        else:
+            assert t.values == [t.user_attrs["hmean"], t.user_attrs["flops_ratio"]]
+
+
+def test_mlflow_has_one_parent_and_one_comparable_child_per_trial(study_run):
+    _, _, _, study, client = study_run
+    parent, children = _runs(client)
+    assert parent.info.status == "FINISHED" and parent.data.tags["chosen_trial"] == str(study.user_attrs["chosen_trial"])
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    by_number = {int(c.data.params["trial_number"]): c for c in children}
+    assert sorted(by_number) == [t.number for t in study.trials]
+    assert len({frozenset(c.data.params) for c in children}) == 1         # same parameter names everywhere
+    params = children[0].data.params
+    assert {"sampler", "skip_set", "trial_number", "baseline"} <= set(params)
+    assert params["sampler"] == "TPESampler"
+    assert sum(k.startswith("ratio:") for k in params) == 36                # every prunable group of ppocrv4_det
+    assert "backbone.conv1.conv" in params["skip_set"].split(",")         # the default always-skip stem
+    for t in study.trials:
+        run = by_number[t.number]
+        assert run.info.run_id == t.user_attrs["mlflow_run_id"] and run.info.status == "FINISHED"
+        metrics = run.data.metrics
+        assert {"flops", "flops_ratio", "flops_reduction", "params", "latency_ms", "size_bytes",
+                "screen_hmean", "screen_precision", "screen_recall"} <= set(metrics)
+        assert metrics["flops_ratio"] == pytest.approx(t.user_attrs["flops_ratio"])
+        ratios = [float(v) for k, v in run.data.params.items() if k.startswith("ratio:")]
+        assert (max(ratios) == 0) == (t.number == 0)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"plan", "hydra"} <= artifacts
+        assert run.data.tags["screened_out"] == str(t.state == TrialState.PRUNED).lower()
+        if t.state == TrialState.COMPLETE:
+            assert {"hmean", "precision", "recall"} <= set(metrics) and "weights" in artifacts
+        if t.state == TrialState.COMPLETE and t.number != 0:  # the unpruned model has nothing to recover
+            losses = client.get_metric_history(run.info.run_id, "finetune_loss")
+            assert [m.step for m in losses] == [1, 2]
+    assert by_number[0].data.tags["baseline"] == "unpruned"
+    assert {by_number[n].data.tags["baseline"] for n in (1, 2)} == {"seed_rule"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"prior", "pareto.csv", "pareto.png"}
+    prior = {a.path for a in client.list_artifacts(parent.info.run_id, "prior")}
+    assert {"prior/sensitivity.csv", "prior/sensitivity.png", "prior/seed_rule_30.json", "prior/space.json"} <= prior
+
+
+def test_pareto_and_chosen_tags_mark_exactly_the_front(study_run):
+    _, _, _, study, client = study_run
+    _, children = _runs(client)
+    front = {t.user_attrs["mlflow_run_id"] for t in study.best_trials}
+    assert front and {c.info.run_id for c in children if c.data.tags["pareto"] == "true"} == front
+    assert all(c.data.tags["pareto"] in ("true", "false") for c in children)
+    chosen = [c.info.run_id for c in children if c.data.tags["chosen"] == "true"]
+    assert chosen == [study.trials[study.user_attrs["chosen_trial"]].user_attrs["mlflow_run_id"]]
+
+
+def test_rerun_adds_no_trials_and_other_settings_are_refused(study_run):
+    proc, out, env, study, client = study_run
+    again = run_study(out, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip().splitlines()[-1] == proc.stdout.strip().splitlines()[-1]
+    assert len(optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db").trials) == N_TRIALS
+    assert len(_runs(client)[1]) == N_TRIALS
+
+    other = run_study(out, env, "finetune.steps=3")
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"error: finetune.steps=3, but study '{STUDY}' was created with 2: pass finetune.steps=2 to resume it, or "
+        "set search.study_name=<new name> for a new study")
+
+
+def test_single_run_replays_a_trial_plan(study_run):
+    _, out, env, study, client = study_run
+    trial = study.trials[2]
+    proc = run_cli("search", [*TINY_SEARCH, f"out_dir={out}", f"trial.plan={out / 'trials' / '2' / 'plan.json'}"],
+                   env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = re.match(r"^hmean=(\d+\.\d+) flops_ratio=(\d+\.\d+) latency_ratio=(\d+\.\d+) run_id=([0-9a-f]{32})$",
+                     proc.stdout.strip().splitlines()[-1])
+    assert match, proc.stdout[-2000:]
+    assert float(match.group(2)) == pytest.approx(trial.user_attrs["flops_ratio"], abs=1e-6)
+    run = client.get_run(match.group(4))
+    assert run.data.tags["single"] == "true" and "mlflow.parentRunId" not in run.data.tags
