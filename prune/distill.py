@@ -38,14 +38,6 @@ def neck_feature_channels(plan: PruningPlan, groups: list[ChannelGroup], neck_ch
     return kept_channels(plan, groups, param, axis, neck_channels)
 
 
-def backbone_feature_channels(plan: PruningPlan, groups: list[ChannelGroup],
-                              widths: list[int]) -> list[list[int]]:
-    """Per backbone output (``backbone.layer_list.i``, unpruned ``widths[i]`` channels): the teacher channels the
-    student keeps, for ``train.recovery.recover(backbone_channels=...)``."""
-    return [kept_channels(plan, groups, f"backbone.layer_list.{i}.weight", 0, width)
-            for i, width in enumerate(widths)]
-
-
 def statistics_at_kept(statistics: dict[str, tuple[np.ndarray, np.ndarray]], plan: PruningPlan,
                        groups: list[ChannelGroup]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The teacher's per-layer conv statistics (``train.models.training_form.conv_statistics``) restricted to the

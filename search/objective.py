@@ -6,9 +6,9 @@
    fine-tuning) and hmean on the first eval images; a candidate that an already screened one beats by `margin` at
    no higher cost skips fine-tuning (it is "screened out").
 4. Brief recovery fine-tune (`train.recovery`, distillation from the unpruned model), then hmean / precision /
-   recall on the eval split. A plan that cuts nothing is not fine-tuned unless labels are used: a student equal
-   to its teacher has nothing to recover (the unpruned baseline is the pretrained model, BN-recalibrated like
-   every candidate when screening is on).
+   recall on the eval split. A plan that cuts nothing is not fine-tuned: a student equal to its teacher has
+   nothing to recover, so the unpruned baseline is the pretrained model as the user brought it (BN-recalibrated
+   like every candidate when screening is on), and the search's budget goes to pruned candidates.
 Metrics reach a `MetricSink` as soon as they exist, so a trial that fails late still shows what it measured.
 """
 from __future__ import annotations
@@ -169,7 +169,7 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
             result.seconds["total"] = time.perf_counter() - started
             return result
 
-    if cut_counts(plan) or settings.label_weight:
+    if cut_counts(plan):
         tic = time.perf_counter()
         teacher = load_detector(cfg.model.name, cfg.model.checkpoint)
         result.finetune = recover_candidate(model, teacher, plan, groups, data.train_set, settings, cfg.progress)

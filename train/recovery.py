@@ -18,6 +18,7 @@ from train.data.dataset import DetDataset, endless_batches
 from train.data.transforms import build_train_transform
 from train.errors import ConfigError
 from train.loss import DBLoss
+from train.models.db_head import Head
 from train.models.pplcnet_v3 import LearnableRepLayer
 from train.models.training_form import fuse, unfuse
 from train.trainer import Batch, FinetuneResult, FinetuneSettings, finetune
@@ -43,28 +44,29 @@ class RecoverySettings:
     """How a pruned model is recovered; the defaults are the best measured setting (README, "Recovery fine-tuning").
 
     Flat on purpose: ``RecoverySettings(**cfg.finetune)`` reads ``conf/finetune/recovery.yaml``.
-    ``map_weight``: distillation of the teacher's probability map (loss ``map_loss``); ``feature_weight``: L2 to
-    the teacher's neck output at the student's kept channels; ``label_weight``: the DB loss on the crop's labels
-    (0 turns it off, and then no label maps are needed). ``thresh_init`` says how the student's threshold branch
-    starts when labels are used ("keep" as it is, "copy" the binarize branch, "fresh" re-initialised).
+    ``map_weight``: distillation of the teacher's probability map (loss ``map_loss``); ``feature_weight``: relative
+    L2 to the teacher's neck output at the student's kept channels; ``label_weight``: the DB loss on the crop's
+    labels (0 turns it off, and then the threshold branch is skipped). ``thresh_init``: how the student's threshold
+    branch starts ("keep", "copy" of the binarize branch, "fresh"). ``training_form``: fine-tune PPLCNetV3 with a
+    BN per fused conv (``train.models.training_form``), fused back at the end. ``bn_mode``: "frozen" keeps every
+    BN on its running statistics (only their affine trains), "train" uses batch statistics.
+    ``calibration_batches``: train batches the training form's BN statistics are measured on. ``seed`` seeds the crops' augmentation (the shuffle follows the global generators).
     """
 
-    steps: int = 150
-    lr: float = 1e-3
+    steps: int = 120
+    lr: float = 3e-3
     warmup_steps: int = 10
-    batch_size: int = 8
-    crop_size: int = 320
+    batch_size: int = 4
+    crop_size: int = 256
     augment: bool = True
     map_weight: float = 1.0
     map_loss: str = "kl"
-    feature_weight: float = 1.0
-    backbone_weight: float = 0.0
-    label_weight: float = 0.0
-    thresh_init: str = "keep"
-    training_form: bool = False
-    adaptive_bn: bool = False
+    feature_weight: float = 10.0
+    label_weight: float = 1.0
+    thresh_init: str = "fresh"
+    training_form: bool = True
+    bn_mode: str = "frozen"
     calibration_batches: int = 4
-    bn_mode: str = "train"
     weight_decay: float = 0.0
     grad_clip_norm: float | None = 10.0
     log_every: int = 10
@@ -77,12 +79,11 @@ class RecoverySettings:
             raise ConfigError(f"finetune.map_loss={self.map_loss!r}: expected one of {list(MAP_LOSSES)}")
         if self.thresh_init not in THRESH_INITS:
             raise ConfigError(f"finetune.thresh_init={self.thresh_init!r}: expected one of {list(THRESH_INITS)}")
-        for name in ("map_weight", "feature_weight", "backbone_weight", "label_weight"):
+        for name in ("map_weight", "feature_weight", "label_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 0")
-        if self.map_weight == self.feature_weight == self.backbone_weight == self.label_weight == 0:
-            raise ConfigError("finetune: map_weight, feature_weight, backbone_weight and label_weight are all 0; "
-                              "nothing to learn")
+        if self.map_weight == self.feature_weight == self.label_weight == 0:
+            raise ConfigError("finetune: map_weight, feature_weight and label_weight are all 0; nothing to learn")
         if self.bn_mode not in BN_MODES:
             raise ConfigError(f"finetune.bn_mode={self.bn_mode!r}: expected one of {list(BN_MODES)}")
         if self.batch_size < 1:
@@ -125,95 +126,69 @@ def feature_distillation(student: paddle.Tensor, teacher: paddle.Tensor) -> padd
     return ((student - teacher) ** 2).mean() / ((teacher ** 2).mean() + 1e-12)
 
 
-def _select(features: paddle.Tensor, channels: paddle.Tensor | None) -> paddle.Tensor:
-    return features if channels is None else paddle.index_select(features, channels, axis=1)
-
-
-def _index(channels: Sequence[int] | None) -> paddle.Tensor | None:
-    return None if channels is None else paddle.to_tensor(list(channels), dtype="int64")
-
-
 class DistillationLoss:
     """``loss_fn`` for ``train.trainer.finetune``: student vs. a frozen teacher on the same images.
 
     Terms: ``map_weight`` x map distillation of the probability (shrink) map; ``feature_weight`` x
     ``feature_distillation`` between the student's neck output and the teacher's at ``feature_channels`` (the
-    teacher channels the student kept, in the student's channel order; ``None`` = same width);
-    ``backbone_weight`` x the same on the 4 backbone outputs (``backbone_channels``: one index list per level);
-    ``label_weight`` x the DB loss on the batch's label maps. Student features are captured with forward hooks
-    (``close()`` removes them), so the model's own forward and state_dict keys are untouched.
+    teacher channels the student kept, in the student's channel order; ``None`` = same width); ``label_weight`` x
+    the DB loss on the batch's label maps. The student's neck output is captured with a forward hook (``close()``
+    removes it), so the model's own forward and state_dict keys are untouched.
     """
 
     def __init__(self, student: paddle.nn.Layer, teacher: paddle.nn.Layer, map_weight: float = 1.0,
                  map_loss: str = "kl", feature_weight: float = 0.0,
                  feature_channels: Sequence[int] | None = None, label_weight: float = 0.0,
-                 db_loss: DBLoss | None = None, backbone_weight: float = 0.0,
-                 backbone_channels: Sequence[Sequence[int] | None] | None = None) -> None:
+                 db_loss: DBLoss | None = None) -> None:
         if map_loss not in MAP_LOSSES:
             raise ConfigError(f"map_loss={map_loss!r}: expected one of {list(MAP_LOSSES)}")
         self.teacher = teacher
         self.map_weight = map_weight
         self.map_loss = map_loss
         self.feature_weight = feature_weight
-        self.backbone_weight = backbone_weight
         self.label_weight = label_weight
         self.db_loss = db_loss if db_loss is not None else DBLoss()
-        self.channels = _index(feature_channels)
-        self.backbone_channels = [_index(c) for c in backbone_channels] if backbone_channels is not None else None
-        self._student: dict[str, object] = {}
-        self._hooks = []
-        if feature_weight:
-            self._hooks.append(student.neck.register_forward_post_hook(self._keeper("neck")))
-        if backbone_weight:
-            self._hooks.append(student.backbone.register_forward_post_hook(self._keeper("backbone")))
-        for parameter in teacher.parameters():
-            parameter.stop_gradient = True
+        self.channels = (None if feature_channels is None
+                         else paddle.to_tensor(list(feature_channels), dtype="int64"))
+        self._student_features: paddle.Tensor | None = None
+        self._hook = student.neck.register_forward_post_hook(self._keep_features) if feature_weight else None
 
-    def _keeper(self, name: str):
-        def keep(layer: paddle.nn.Layer, inputs: tuple, output) -> None:
-            self._student[name] = output
-        return keep
+    def _keep_features(self, layer: paddle.nn.Layer, inputs: tuple, output: paddle.Tensor) -> None:
+        self._student_features = output
 
     def close(self) -> None:
-        """Remove the hooks on the student."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        """Remove the hook on the student's neck."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
-    def teacher_outputs(self, images: paddle.Tensor) -> dict[str, object]:
-        """The teacher's ``backbone`` outputs (list), ``neck`` output and probability map ``shrink`` for
-        ``images``, in eval mode without gradients."""
+    def teacher_outputs(self, images: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """The teacher's (neck output, probability map) for ``images``, in eval mode without gradients."""
         self.teacher.eval()
         with paddle.no_grad():
-            backbone = self.teacher.backbone(images)
-            neck = self.teacher.neck(backbone)
-            shrink = self.teacher.head.binarize(neck)
-        return {"backbone": backbone, "neck": neck, "shrink": shrink}
+            features = self.teacher.neck(self.teacher.backbone(images))
+            shrink = self.teacher.head.binarize(features)
+        return features, shrink
 
     def __call__(self, predicts: Mapping[str, paddle.Tensor], batch: Batch) -> dict[str, paddle.Tensor]:
         maps = predicts["maps"]
-        teacher = self.teacher_outputs(batch["image"])
+        teacher_features, teacher_shrink = self.teacher_outputs(batch["image"])
         terms: dict[str, paddle.Tensor] = {}
         total = paddle.zeros([], dtype=maps.dtype)
         if self.map_weight:
-            terms["loss_map"] = map_distillation(maps[:, :1], teacher["shrink"], self.map_loss)
+            terms["loss_map"] = map_distillation(maps[:, :1], teacher_shrink, self.map_loss)
             total = total + self.map_weight * terms["loss_map"]
         if self.feature_weight:
-            student_features = self._student["neck"]
-            target = _select(teacher["neck"], self.channels)
+            student_features = self._student_features
+            assert student_features is not None, "the student's neck hook did not fire"
+            target = (teacher_features if self.channels is None
+                      else paddle.index_select(teacher_features, self.channels, axis=1))
             if target.shape[1] != student_features.shape[1]:
                 raise ConfigError(f"feature distillation: the student's neck has {student_features.shape[1]} "
                                   f"channels but {target.shape[1]} teacher channels were selected; pass the kept "
                                   "channel indices of the neck output as feature_channels")
             terms["loss_feature"] = feature_distillation(student_features, target)
             total = total + self.feature_weight * terms["loss_feature"]
-        if self.backbone_weight:
-            levels = self._student["backbone"]
-            channels = self.backbone_channels or [None] * len(levels)
-            terms["loss_backbone"] = paddle.add_n([
-                feature_distillation(s, _select(t, c)) for s, t, c in zip(levels, teacher["backbone"], channels)
-            ]) / len(levels)
-            total = total + self.backbone_weight * terms["loss_backbone"]
         if self.label_weight:
             db = self.db_loss(predicts, batch)
             terms["loss_label"] = db["loss"]
@@ -243,18 +218,13 @@ def init_threshold_branch(model: paddle.nn.Layer, how: str) -> None:
             tensor.set_value(source[key])
         return
     if how == "fresh":
-        from train.models.db_head import Head
-
-        in_channels = head.thresh.conv1.weight.shape[1]
-        mid = head.thresh.conv1.weight.shape[0]
+        in_channels, mid = head.thresh.conv1.weight.shape[1], head.thresh.conv1.weight.shape[0]
+        # A new branch of the unpruned width (the thresh branch is never pruned: it is train-only), its conv1 input
+        # cut to the (possibly pruned) neck width.
         with paddle.utils.unique_name.guard("thresh_init_"):
-            fresh = Head(in_channels)
-        if fresh.conv1.weight.shape[0] != mid:
-            raise ConfigError(f"thresh_init=fresh: head.thresh has {mid} hidden channels, a new branch "
-                              f"{fresh.conv1.weight.shape[0]}")
-        fresh_state = fresh.state_dict()
+            fresh = Head(4 * mid).state_dict()
         for key, tensor in head.thresh.state_dict().items():
-            tensor.set_value(fresh_state[key])
+            tensor.set_value(fresh[key][tuple(slice(0, n) for n in tensor.shape)])
         return
     raise ConfigError(f"thresh_init={how!r}: expected one of {list(THRESH_INITS)}")
 
@@ -276,14 +246,13 @@ def recover(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     checkpoint_prefix: Path | None = None,
-    backbone_channels: Sequence[Sequence[int]] | None = None,
 ) -> FinetuneResult:
     """Fine-tune the pruned ``student`` in place towards the unpruned ``teacher``; returns the loop's result.
 
     ``train_set``: the train split (its crop size is replaced by ``settings.crop_size``). ``feature_channels``:
     for each neck output channel of the student, the teacher channel it was cut from (the kept indices of the
-    concat-fed neck convs, in order); needed for feature distillation when the neck output was pruned;
-    ``backbone_channels`` likewise for the 4 backbone outputs (``backbone_weight``). The student ends in eval mode, in the form it came in (deploy form stays deploy form).
+    concat-fed neck convs, in order); needed for feature distillation when the neck output was pruned. The
+    student ends in eval mode, in the form it came in (deploy form stays deploy form).
     """
     init_threshold_branch(student, settings.thresh_init)
     dataset = recovery_dataset(train_set, settings)
@@ -292,15 +261,12 @@ def recover(
         isinstance(layer, LearnableRepLayer) and layer.is_repped for layer in student.sublayers())
     if unfused:
         unfuse(student, probe)
-    elif settings.adaptive_bn:
-        recalibrate_bn(student, iter({"image": images} for images in probe), len(probe))
     # Without labels nothing reads the threshold map: skipping its branch saves about a fifth of every step.
     overrides = _train_mode_overrides(student, freeze_bn=settings.bn_mode == "frozen",
                                       skip_thresh=settings.label_weight == 0)
     loss = DistillationLoss(student, teacher, map_weight=settings.map_weight, map_loss=settings.map_loss,
                             feature_weight=settings.feature_weight, feature_channels=feature_channels,
-                            label_weight=settings.label_weight, backbone_weight=settings.backbone_weight,
-                            backbone_channels=backbone_channels)
+                            label_weight=settings.label_weight)
     batches: Iterator[Batch] = endless_batches(dataset, settings.batch_size, settings.num_workers)
     try:
         result = finetune(student, batches, loss, settings.trainer_settings(), checkpoint_prefix=checkpoint_prefix,
