@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic dataset (real rendered text, tiny images) and an isolated data cache."""
+"""Shared fixtures: a tiny synthetic dataset (real rendered text, tiny images), an isolated data cache, and one
+tiny finished search study shared by the search and export tests."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,3 +37,35 @@ def run_cli(module: str, args: list[str], env: dict[str, str], cwd: Path = REPO)
     """Run `python -m module args...` the way a user does; returns the finished process (text mode)."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+# A tiny study of `python -m search multirun`: shared by the search and export tests.
+STUDY = "tiny"
+N_TRIALS = 5
+TINY_SEARCH = [
+    *TINY_SYNTHETIC,
+    "sensitivity.images=1", "sensitivity.ratios=[0.3,0.6]", "sensitivity.limit_side_len=96",
+    "finetune.steps=2", "finetune.batch_size=2", "finetune.crop_size=64", "finetune.warmup_steps=0",
+    "prune.input_size=[64,64]", "measure.runs=1", "measure.warmup=0",
+    "search.warm_start.seed_rule_targets=[0.3,0.5]", "search.screening.max_images=2",
+    "search.screening.bn_batches=0", "search.screening.margin=0", "progress=false",
+    f"search.study_name={STUDY}",
+]
+
+
+def run_study(out: Path, env: dict[str, str], *extra: str):
+    return run_cli("search", ["multirun", *TINY_SEARCH, f"search.n_trials={N_TRIALS}", f"out_dir={out}", *extra], env)
+
+
+@pytest.fixture(scope="session")
+def study_run(tmp_path_factory):
+    """A finished tiny study: (process, out_dir, env, study, MLflow client)."""
+    root = tmp_path_factory.mktemp("search")
+    env = dict(os.environ, OCRDET_CACHE_DIR=str(root / "cache"))
+    env.setdefault("OMP_NUM_THREADS", "2")
+    out = root / "study"
+    proc = run_study(out, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db")
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    return proc, out, env, study, client

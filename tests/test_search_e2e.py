@@ -1,58 +1,22 @@
 """`python -m search multirun` end to end on a tiny study: result line, Optuna trials, MLflow runs and tags, resume.
 
-One real study (tiny synthetic images, 1-image sensitivity probe, 2 fine-tune steps, 64x64 measurement) is run
-once for the module; the tests read what it left in the Optuna storage and the MLflow store.
+One real study (tiny synthetic images, 1-image sensitivity probe, 2 fine-tune steps, 64x64 measurement; the
+`study_run` fixture of conftest.py, shared with the export tests) is run once; the tests read what it left in the
+Optuna storage and the MLflow store.
 """
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import TINY_SYNTHETIC, run_cli
+from conftest import N_TRIALS, STUDY, TINY_SEARCH, run_cli, run_study  # noqa: F401 (TINY_SEARCH: re-export)
 
-STUDY = "tiny"
-N_TRIALS = 5
-TINY_SEARCH = [
-    *TINY_SYNTHETIC,
-    "sensitivity.images=1", "sensitivity.ratios=[0.3,0.6]", "sensitivity.limit_side_len=96",
-    "finetune.steps=2", "finetune.batch_size=2", "finetune.crop_size=64", "finetune.warmup_steps=0",
-    "prune.input_size=[64,64]", "measure.runs=1", "measure.warmup=0",
-    "search.warm_start.seed_rule_targets=[0.3,0.5]", "search.screening.max_images=2",
-    "search.screening.bn_batches=0", "search.screening.margin=0", "progress=false",
-    f"search.study_name={STUDY}",
-]
 CHOSEN_LINE = re.compile(r"^chosen_trial=(\d+) hmean=(\d+\.\d+) flops_ratio=(\d+\.\d+) latency_ratio=(\d+\.\d+) "
                          r"run_id=([0-9a-f]{32})$")
-
-
-def tiny_env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["OCRDET_CACHE_DIR"] = str(root / "cache")
-    env.setdefault("OMP_NUM_THREADS", "2")
-    return env
-
-
-def run_study(out: Path, env: dict[str, str], *extra: str):
-    return run_cli("search", ["multirun", *TINY_SEARCH, f"search.n_trials={N_TRIALS}", f"out_dir={out}", *extra], env)
-
-
-@pytest.fixture(scope="module")
-def study_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
-    env = tiny_env(root)
-    out = root / "study"
-    proc = run_study(out, env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db")
-    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
-    return proc, out, env, study, client
-
 
 def _runs(client: MlflowClient) -> tuple[object, list]:
     experiment = client.get_experiment_by_name(STUDY)

@@ -1,0 +1,291 @@
+"""`python -m search.export [trial=<n> | run_id=<id>] [overrides]`: one trial of a study as a deployable model.
+
+PaddleOCR's slim recipe rebuilt the pruned shapes at export from a different rule than training used and only
+warned when the weights did not fit, which produced silently broken models. Here the trial's own plan is replayed
+(`prune.plan.load_pruned`: the saved kept indices, then a strict load of the trial's fine-tuned weights), so a
+model that does not fit fails in one line, and the export is checked against the dygraph model before it counts.
+
+Steps: select the trial (number, MLflow run id, or the study's chosen one) -> its plan and weights (the trial's
+folder, else its MLflow artifacts) -> optional longer recovery (`export.finetune`) -> hmean on the eval split ->
+Paddle inference model (PIR `inference.json` or legacy `inference.pdmodel`) with `inference.yml`, the plan, the
+weights and `metrics.json`, written to `<dir>.partial` and renamed into place only once Paddle Inference
+reproduces the dygraph model (max |diff| <= `export.parity.tolerance`) -> FLOPs, params and latency of the exported
+model -> MLflow: the folder as artifacts of the trial's run, a registered model version with an alias.
+Last stdout line: `export_dir=<path> hmean=<float> flops=<int> latency_ms=<float>`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import hydra
+import numpy as np
+import optuna
+import paddle
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from prune.groups import discover_groups
+from prune.measure import Measurement
+from prune.plan import PruningPlan, load_pruned
+from search.objective import PLAN_FILE, WEIGHTS_FILE, load_trial_data, measure_model, recover_candidate
+from search.study import STUDY_CHOSEN, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage
+from search.tracking import RunLogger, Tracker
+from train.cli import exit_on_user_error, print_result_line
+from train.data.dataset import DetDataset
+from train.deploy_config import DeployConfig
+from train.errors import ConfigError, UserError
+from train.evaluation import evaluate_detector
+from train.inference import InferenceSession, export_inference
+from train.metric import DetScores
+from train.recovery import RecoverySettings
+from train.runtime import seed_everything, set_device
+from train.trainer import save_weights
+from train.weights import load_detector
+
+FORMATS = ("pir", "legacy")
+METRICS_FILE = "metrics.json"
+EXPORT_WEIGHTS_FILE = "model.pdparams"  # the dygraph weights of the export (load with prune.plan.load_pruned)
+ARTIFACT_PATH = "export"
+
+
+class ParityError(UserError):
+    """The exported program does not reproduce the dygraph model: the export is not usable."""
+
+
+@dataclass(frozen=True)
+class SelectedTrial:
+    """A complete trial of the study and what the study recorded for it."""
+
+    number: int
+    run_id: str
+    attrs: dict[str, Any]
+
+
+def select_trial(study: optuna.Study, trial: int | None, run_id: str | None) -> SelectedTrial:
+    """The trial named by number or MLflow run id, else the one the study chose; it must be complete."""
+    if trial is not None and run_id is not None:
+        raise ConfigError(f"trial={trial} and run_id={run_id}: select a trial by one of them, not both")
+    trials = study.get_trials(deepcopy=False)
+    if run_id is not None:
+        matches = [t.number for t in trials if t.user_attrs.get(TRIAL_RUN_ID) == run_id]
+        if not matches:
+            raise ConfigError(f"run_id={run_id}: no trial of study {study.study_name!r} has this MLflow run")
+        number = matches[0]
+    elif trial is not None:
+        if not 0 <= trial < len(trials):
+            raise ConfigError(f"trial={trial}: study {study.study_name!r} has trials 0..{len(trials) - 1}")
+        number = trial
+    else:
+        if STUDY_CHOSEN not in study.user_attrs:
+            raise ConfigError(f"study {study.study_name!r} has not chosen a trial yet (it chooses when a "
+                              "`python -m search multirun` finishes); pass trial=<n> or run_id=<id>")
+        number = int(study.user_attrs[STUDY_CHOSEN])
+    frozen = trials[number]
+    if frozen.state == TrialState.PRUNED:
+        raise ConfigError(f"trial {number} was screened out and never fine-tuned; export a complete trial "
+                          f"(the Pareto front: {sorted(t.number for t in study.best_trials)})")
+    if frozen.state != TrialState.COMPLETE:
+        reason = frozen.user_attrs.get(TRIAL_FAIL_REASON, "")
+        raise ConfigError(f"trial {number} is {frozen.state.name}{': ' + reason if reason else ''}; "
+                          "export a complete trial")
+    return SelectedTrial(number=number, run_id=str(frozen.user_attrs.get(TRIAL_RUN_ID, "")),
+                         attrs=dict(frozen.user_attrs))
+
+
+def trial_files(out_dir: Path, selected: SelectedTrial, tracker: Tracker, scratch: Path) -> tuple[Path, Path]:
+    """(plan, fine-tuned weights) of the trial: from its folder under `out_dir`, else from its MLflow run (the
+    only copy when the trial ran on another host)."""
+    folder = out_dir / "trials" / str(selected.number)
+    if (folder / PLAN_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+        return folder / PLAN_FILE, folder / WEIGHTS_FILE
+    paths = []
+    for artifact in (f"plan/{PLAN_FILE}", f"weights/{WEIGHTS_FILE}"):
+        try:
+            paths.append(Path(tracker.client.download_artifacts(selected.run_id, artifact, str(scratch))))
+        except (MlflowException, OSError) as exc:
+            raise ConfigError(f"trial {selected.number}: {folder / Path(artifact).name} is missing and MLflow run "
+                              f"{selected.run_id} has no artifact {artifact} ({type(exc).__name__})") from None
+    return paths[0], paths[1]
+
+
+def parity_max_abs_diff(model: paddle.nn.Layer, export_dir: Path, images: list[np.ndarray]) -> float:
+    """Largest |Paddle Inference - dygraph| over the probability maps of `images` (CHW float32 each).
+
+    Both sides run plain kernels (oneDNN off), so a difference is the export's, not a kernel choice's.
+    """
+    session = InferenceSession(export_dir, use_mkldnn=False)
+    model.eval()
+    worst = 0.0
+    with paddle.no_grad():
+        for image in images:
+            batch = image[None].astype(np.float32)
+            expected = model(paddle.to_tensor(batch))["maps"].numpy()
+            worst = max(worst, float(np.abs(session(batch) - expected).max()))
+    return worst
+
+
+def parity_images(eval_set: DetDataset, count: int) -> list[np.ndarray]:
+    if count < 1:
+        raise ConfigError(f"export.parity.images={count}: must be >= 1 (the export is always checked)")
+    return [eval_set[i]["image"] for i in range(min(count, len(eval_set)))]
+
+
+@dataclass
+class ExportReport:
+    """`metrics.json` of an export: the trial as the study recorded it, and the exported model as measured now."""
+
+    trial: int
+    run_id: str
+    format: str
+    finetune_steps: int
+    trial_hmean: float
+    hmean: float
+    precision: float
+    recall: float
+    flops: int
+    params: int
+    latency_ms: float
+    size_bytes: int
+    trial_flops: int
+    trial_latency_ms: float
+    flops_ratio: float
+    latency_ratio: float
+    parity_max_abs_diff: float
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers logged to MLflow (prefixed `export_`)."""
+        keys = ("hmean", "precision", "recall", "flops", "params", "latency_ms", "size_bytes", "flops_ratio",
+                "latency_ratio", "parity_max_abs_diff", "finetune_steps")
+        return {f"export_{k}": float(getattr(self, k)) for k in keys}
+
+
+def _check_export_config(cfg: DictConfig) -> None:
+    if cfg.export.format not in FORMATS:
+        raise ConfigError(f"export.format={cfg.export.format!r}: expected one of {list(FORMATS)}")
+    if int(cfg.export.finetune.steps) < 0:
+        raise ConfigError(f"export.finetune.steps={cfg.export.finetune.steps}: must be >= 0")
+
+
+def _recovery_settings(cfg: DictConfig) -> RecoverySettings:
+    settings = RecoverySettings(**cfg.finetune)
+    settings = replace(settings, steps=int(cfg.export.finetune.steps))
+    if not cfg.export.finetune.distill:  # labels only: the DB loss, no teacher terms
+        settings = replace(settings, map_weight=0.0, feature_weight=0.0, label_weight=settings.label_weight or 1.0)
+    return settings
+
+
+def _write_export(model: paddle.nn.Layer, plan: PruningPlan, cfg: DictConfig, target: Path,
+                  images: list[np.ndarray]) -> tuple[Path, float]:
+    """Everything of the export into `<target>.partial`, checked, then renamed to `target`; (target, parity)."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    input_size = None if cfg.export.input_size is None else tuple(cfg.export.input_size)
+    export_inference(model, partial, input_size=input_size, legacy=cfg.export.format == "legacy")
+    DeployConfig(model_name=cfg.model.name, limit_side_len=int(cfg.data.eval.limit_side_len),
+                 limit_type=str(cfg.data.eval.limit_type),
+                 postprocess=OmegaConf.to_container(cfg.postprocess)).write(partial)
+    plan.save(partial / PLAN_FILE)
+    save_weights(model, partial / EXPORT_WEIGHTS_FILE)
+    if input_size is not None:  # a fixed-size program only takes that size
+        height, width = input_size
+        images = [cv2.resize(img.transpose(1, 2, 0), (width, height)).transpose(2, 0, 1) for img in images]
+    diff = parity_max_abs_diff(model, partial, images)
+    tolerance = float(cfg.export.parity.tolerance)
+    if not diff <= tolerance:
+        raise ParityError(f"{partial}: Paddle Inference differs from the dygraph model by {diff:.3g} "
+                          f"(> export.parity.tolerance={tolerance:g}); the export was not put in place")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target, diff
+
+
+def _log_to_mlflow(tracker: Tracker, cfg: DictConfig, selected: SelectedTrial, target: Path,
+                   report: ExportReport) -> str | None:
+    """Artifacts and metrics under the trial's run; a registered model version with the alias. Its version."""
+    client = tracker.client
+    client.log_artifacts(selected.run_id, str(target), ARTIFACT_PATH)
+    run = RunLogger(client, selected.run_id)
+    run.log_metrics(report.metrics())
+    run.set_tags({"exported": True, "export_dir": str(target)})
+    if not cfg.export.register.enabled:
+        return None
+    name, alias = str(cfg.export.register.name), str(cfg.export.register.alias)
+    try:
+        client.create_registered_model(name, description="Pruned DB text detectors exported by search.export")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, f"runs:/{selected.run_id}/{ARTIFACT_PATH}", run_id=selected.run_id,
+                                          tags={"trial": str(selected.number), "format": report.format,
+                                                "hmean": f"{report.hmean:.6f}", "flops": str(report.flops)})
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return version.version
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    _check_export_config(cfg)
+    set_device(cfg.device)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    tracker.check()
+    study = load_study(make_storage(cfg.storage), cfg.search.study_name)
+    selected = select_trial(study, cfg.trial, cfg.run_id)
+    out_dir = Path(cfg.out_dir)
+    target = Path(cfg.export.dir or out_dir / "export" / f"trial-{selected.number}").resolve()
+    settings = _recovery_settings(cfg)
+    print(f"exporting trial {selected.number} of study {cfg.search.study_name!r} (MLflow run {selected.run_id}, "
+          f"hmean {selected.attrs['hmean']:.4f} in the study) to {target}", flush=True)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        plan_path, weights_path = trial_files(out_dir, selected, tracker, Path(scratch))
+        plan = PruningPlan.load(plan_path)
+        if plan.model != cfg.model.name:
+            raise ConfigError(f"{plan_path}: the trial's plan is for model {plan.model!r}, not model={cfg.model.name}")
+        model = load_pruned(cfg.model.name, plan, weights_path)
+
+    data = load_trial_data(cfg)
+    if settings.steps:
+        seed_everything(cfg.seed)
+        teacher = load_detector(cfg.model.name, cfg.model.checkpoint)
+        recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings, cfg.progress)
+        del teacher
+    scores: DetScores = evaluate_detector(model, data.eval_set, data.postprocess, cfg.data.eval.max_images,
+                                          progress=cfg.progress)
+    target, diff = _write_export(model, plan, cfg, target, parity_images(data.eval_set, cfg.export.parity.images))
+    measured: Measurement = measure_model(model, cfg)
+
+    reference_flops = selected.attrs["flops"] / selected.attrs["flops_ratio"]
+    reference_latency = selected.attrs["latency_ms"] / selected.attrs["latency_ratio"]
+    report = ExportReport(
+        trial=selected.number, run_id=selected.run_id, format=str(cfg.export.format), finetune_steps=settings.steps,
+        trial_hmean=float(selected.attrs["hmean"]), hmean=scores.hmean, precision=scores.precision,
+        recall=scores.recall, flops=measured.flops, params=measured.params, latency_ms=measured.latency_ms,
+        size_bytes=measured.size_bytes, trial_flops=int(selected.attrs["flops"]),
+        trial_latency_ms=float(selected.attrs["latency_ms"]), flops_ratio=measured.flops / reference_flops,
+        latency_ratio=measured.latency_ms / reference_latency, parity_max_abs_diff=diff)
+    if report.flops != report.trial_flops:  # same plan, same input size: anything else is a bug in the replay
+        raise AssertionError(f"exported model has {report.flops} FLOPs, trial {selected.number} had "
+                             f"{report.trial_flops}")
+    (target / METRICS_FILE).write_text(json.dumps(asdict(report), indent=1) + "\n")
+    version = _log_to_mlflow(tracker, cfg, selected, target, report) if selected.run_id else None
+
+    print(f"trial {selected.number}: hmean {report.trial_hmean:.4f} in the study, {report.hmean:.4f} exported "
+          f"(+{settings.steps} recovery steps); FLOPs {report.flops:,} ({report.flops_ratio:.3f}x), latency "
+          f"{report.latency_ms:.2f} ms (study {report.trial_latency_ms:.2f} ms); parity max |diff| {diff:.2g}"
+          + (f"; registered {cfg.export.register.name} v{version} @{cfg.export.register.alias}" if version else ""))
+    print_result_line(f"export_dir={target} hmean={report.hmean:.6f} flops={report.flops} "
+                      f"latency_ms={report.latency_ms:.3f}")
+
+
+if __name__ == "__main__":
+    main()
