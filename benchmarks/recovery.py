@@ -149,7 +149,7 @@ def format_table(report: dict) -> str:
     unpruned = report["unpruned"]
     head = ["plan", "FLOPs", "before"]
     for steps in budgets:
-        head += [f"{steps} steps", f"wall s (load)"]
+        head += [f"{steps} steps", "wall s (load)"]
     head += [f"shifted @{budgets[-1]}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:

@@ -33,7 +33,7 @@ import paddle
 from omegaconf import DictConfig
 
 from prune.graph import CONV_OPS, TRANSPOSED_CONV_OPS, Op, TracedGraph, conv_macs, trace
-from train.cli import exit_on_user_error, print_result_line
+from train.cli import exit_on_user_error, print_result_line, run_app
 from train.models.zoo import build_detector
 
 PRODUCER = "producer"
@@ -452,4 +452,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

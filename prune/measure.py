@@ -50,7 +50,7 @@ from omegaconf import DictConfig
 from paddle import nn
 
 from prune.plan import PruningPlan, apply_plan, load_pruned
-from train.cli import exit_on_user_error, print_result_line
+from train.cli import exit_on_user_error, print_result_line, run_app
 from train.errors import CheckpointError, ConfigError
 from train.inference import InferenceSession, eval_mode, export_inference, exported_size
 from train.models.detector import check_input_size
@@ -287,4 +287,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

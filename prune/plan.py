@@ -89,6 +89,8 @@ class PruningPlan:
             raise PlanError(f"plan model={self.model!r}: unknown; known: {', '.join(MODEL_NAMES)}")
         if self.criterion not in CRITERIA:
             raise PlanError(f"plan criterion={self.criterion!r}: known: {', '.join(CRITERIA)}")
+        if self.align < 1:
+            raise PlanError(f"plan align={self.align}: must be >= 1")
         try:
             self.input_size = check_input_size(self.input_size)
         except ConfigError as exc:
@@ -178,6 +180,8 @@ def make_plan(model: paddle.nn.Layer, model_name: str, ratios: dict[str, float],
         raise ConfigError(f"unknown detector {model_name!r}; known: {', '.join(MODEL_NAMES)}")
     if criterion not in CRITERIA:
         raise ConfigError(f"criterion={criterion!r}: known: {', '.join(CRITERIA)}")
+    if align < 1:
+        raise ConfigError(f"align={align}: must be >= 1")
     by_name = _groups_by_name(model, groups)
     kept: dict[str, list[int]] = {}
     for name, ratio in ratios.items():
@@ -216,6 +220,14 @@ def _check_fits(plan: PruningPlan, by_name: dict[str, ChannelGroup]) -> None:
         if name not in plan.channels:
             raise ConfigError(f"plan for {plan.model}: this model's prunable group {name!r} is unknown to the plan "
                               "(plan made for another model?)")
+
+
+def check_plan_fits(plan: PruningPlan, model: paddle.nn.Layer, groups: list[ChannelGroup] | None = None) -> None:
+    """ConfigError unless ``plan`` was made for ``model``'s architecture (same prunable groups, same sizes).
+
+    ``apply_plan`` checks the same; calling this first lets a command refuse a plan file before it starts work.
+    """
+    _check_fits(plan, _groups_by_name(model, groups))
 
 
 def _kept_slices(plan: PruningPlan, by_name: dict[str, ChannelGroup],

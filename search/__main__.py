@@ -10,6 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from search.app import TrialOutcome, task
+from train.cli import run_app
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="search")
@@ -20,4 +21,4 @@ def main(cfg: DictConfig) -> TrialOutcome | None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "multirun":
         sys.argv[1] = "--multirun"
-    main()
+    run_app(main)

@@ -23,9 +23,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from prune.measure import Measurement
-from prune.plan import PruningPlan, make_plan
+from prune.plan import PruningPlan, check_plan_fits, make_plan
 from search.config import objectives
-from search.objective import PLAN_FILE, WEIGHTS_FILE, TrialResult, load_trial_data, measure_model, run_candidate
+from search.objective import (PLAN_FILE, WEIGHTS_FILE, TrialData, TrialResult, load_trial_data, measure_model,
+                              run_candidate)
 from search.space import SearchSpace
 from search.study import (STUDY_REFERENCE, STUDY_SPACE, TrialSpec, load_study, make_storage, mask_url,
                           screening_points, trial_spec)
@@ -80,12 +81,15 @@ def _log_result(run: RunLogger, result: TrialResult, out_dir: Path, log_weights:
     run.set_tags({"screened_out": result.screened_out})
 
 
-def _run_tracked(run: RunLogger, cfg: DictConfig, out_dir: Path, **candidate) -> TrialResult:
+def _run_tracked(run: RunLogger, cfg: DictConfig, out_dir: Path, data: TrialData | None = None,
+                 **candidate) -> TrialResult:
     """`run_candidate` with everything logged to `run`; a failure ends the run FAILED and raises TrialFailed, an
-    interrupt ends it KILLED."""
+    interrupt ends it KILLED. Without `data` it is loaded inside the run, so that a dataset broken since the study
+    started fails this trial's run rather than the job."""
     try:
         seed_everything(cfg.seed)
-        result = run_candidate(cfg, load_trial_data(cfg), out_dir=out_dir, sink=run, **candidate)
+        data = load_trial_data(cfg) if data is None else data
+        result = run_candidate(cfg, data, out_dir=out_dir, sink=run, **candidate)
         _log_result(run, result, out_dir, cfg.tracking.log_weights)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -144,7 +148,11 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
 
 @exit_on_user_error
 def run_single(cfg: DictConfig) -> None:
-    """One plan by hand: `trial.plan` (a PruningPlan JSON, applied as is), `trial.ratios`, or the unpruned model."""
+    """One plan by hand: `trial.plan` (a PruningPlan JSON, applied as is), `trial.ratios`, or the unpruned model.
+
+    The plan, the model, its checkpoint and the data are all checked before the tracking store is opened: a
+    mistake there is one line and leaves no run behind.
+    """
     if cfg.trial.plan is not None and cfg.trial.ratios is not None:
         raise ConfigError("set trial.plan or trial.ratios, not both")
     plan = None
@@ -155,13 +163,16 @@ def run_single(cfg: DictConfig) -> None:
         if plan.model != cfg.model.name:
             raise ConfigError(f"trial.plan={cfg.trial.plan} is for model {plan.model!r}, not model={cfg.model.name}")
     set_device(cfg.device)
-    tracker = tracker_for(cfg)
-    tracker.check()
     model = load_detector(cfg.model.name, cfg.model.checkpoint)
     if plan is None:  # ranked now, so a wrong group name or ratio fails before any work
         ratios = OmegaConf.to_container(cfg.trial.ratios) if cfg.trial.ratios is not None else {}
         plan = make_plan(model, cfg.model.name, {str(k): float(v) for k, v in ratios.items()}, cfg.prune.criterion,
                          cfg.prune.align, tuple(cfg.prune.input_size))
+    else:
+        check_plan_fits(plan, model)
+    data = load_trial_data(cfg)
+    tracker = tracker_for(cfg)
+    tracker.check()
     reference = measure_model(model, cfg)
 
     run = tracker.start_run(f"single-{time.strftime('%Y%m%d-%H%M%S')}", tags={"single": True})
@@ -169,7 +180,7 @@ def run_single(cfg: DictConfig) -> None:
                     **{f"ratio:{g}": r for g, r in plan.ratios.items()}})
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        result = _run_tracked(run, cfg, out_dir, reference=reference, plan=plan)
+        result = _run_tracked(run, cfg, out_dir, data, reference=reference, plan=plan)
     except TrialFailed as failed:
         if isinstance(failed.__cause__, UserError):  # one line and exit 2, as for errors before the run
             raise failed.__cause__ from None

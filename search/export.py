@@ -37,7 +37,7 @@ from prune.plan import PruningPlan, load_pruned
 from search.objective import PLAN_FILE, WEIGHTS_FILE, load_trial_data, measure_model, recover_candidate
 from search.study import STUDY_CHOSEN, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage
 from search.tracking import RunLogger, Tracker
-from train.cli import exit_on_user_error, print_result_line
+from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.dataset import DetDataset
 from train.deploy_config import DeployConfig
 from train.errors import ConfigError, UserError
@@ -288,4 +288,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

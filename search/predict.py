@@ -16,7 +16,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from train.cli import exit_on_user_error, print_result_line
+from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.dataset import read_image
 from train.data.transforms import build_eval_transform, make_sample
 from train.deploy_config import read_deploy_config
@@ -80,4 +80,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

@@ -21,6 +21,7 @@ from prune.sensitivity.report import plot_curves, write_csv
 from search.app import TrialFailed, TrialOutcome
 from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, objectives,
                            task_config)
+from search.objective import load_trial_data
 from search.pareto import Selection, format_front, pareto_front, plot_front, select
 from search.pareto import write_csv as write_records
 from search.prior import Prior, build_prior, check_always_skip
@@ -35,6 +36,7 @@ from train.cli import print_result_line
 from train.errors import ConfigError, UserError
 from train.models.zoo import build_detector
 from train.runtime import set_device
+from train.weights import load_detector
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,7 @@ class StudyRunner:
         check_search_config(cfg)
         set_device(cfg.device)
         # Every check a user can fail runs before the storage or the tracking store is written to.
-        check_always_skip(list(cfg.search.space.always_skip), discover_groups(build_detector(cfg.model.name)),
-                          cfg.model.name)
+        self._check_inputs()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
         self.tracker.check()
@@ -103,6 +104,16 @@ class StudyRunner:
             self._create(settings)
         self.space = SearchSpace.from_json(self.study.user_attrs[STUDY_SPACE])
         self.parent = self._parent_run()
+
+    def _check_inputs(self) -> None:
+        """Load the model and the data once as the prior and every trial will: an unknown model, a checkpoint that
+        does not fit, a missing or malformed dataset, an unreadable image or an empty split is then one error
+        before the study exists, instead of a failure in the sensitivity scan or in every trial."""
+        cfg = self.cfg
+        check_always_skip(list(cfg.search.space.always_skip), discover_groups(build_detector(cfg.model.name)),
+                          cfg.model.name)
+        load_detector(cfg.model.name, cfg.model.checkpoint)
+        load_trial_data(cfg)
 
     def _create(self, settings: dict) -> None:
         """First invocation: the prior, the parent run with its artifacts, the warm start, the study's fixed

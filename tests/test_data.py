@@ -103,6 +103,7 @@ def region_line(points: object, text: object = "x") -> str:
         (region_line([[0, 0], [10, 0], [10, 10], [5, 10], [5, -3]]), "self-intersecting"),
         (region_line([[0, 0], [5, 5], [10, 10]]), "zero-area"),
         ("missing.jpg\t" + json.dumps(REGIONS), "image file not found"),
+        ("labels.txt\t" + json.dumps(REGIONS), "not an image OpenCV can read"),  # the label file itself
     ],
 )
 def test_reader_errors_name_file_and_line(root: Path, bad_line: str, problem: str) -> None:
@@ -334,7 +335,8 @@ def test_eval_dataset_keeps_original_polygons(root: Path) -> None:
 
 
 def test_corrupt_image_names_the_file(root: Path) -> None:
-    (root / "bad.jpg").write_bytes(b"not a jpeg at all")
+    # A JPEG header passes the reader's check (a file that is no image at all fails there); the body does not decode.
+    (root / "bad.jpg").write_bytes(b"\xff\xd8\xff" + b"not a jpeg at all")
     labels = write_labels(root, [f"bad.jpg\t{json.dumps(REGIONS)}"])
     ds = build_split(root, labels, "eval")
     with pytest.raises(DataError, match=r"cannot decode image .*bad\.jpg"):

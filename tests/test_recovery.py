@@ -15,7 +15,7 @@ from prune.distill import neck_feature_channels
 from prune.groups import discover_groups
 from prune.plan import apply_plan, make_plan
 from prune_fixtures import perturbed
-from train.data.dataset import build_split, endless_batches
+from train.data.dataset import build_split
 from train.data.synthetic import SyntheticSpec, ensure_synthetic_dataset, label_path
 from train.errors import ConfigError
 from train.models.training_form import fuse, unfuse

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from train.cli import exit_on_user_error, print_result_line
+from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.source import build_dataset, resolve_data
 from train.evaluation import evaluate_detector
 from train.postprocess import DBPostProcess
@@ -31,4 +31,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from train.cli import exit_on_user_error, print_result_line
+from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.dataset import endless_batches
 from train.data.source import build_dataset, resolve_data
 from train.evaluation import evaluate_detector
@@ -64,4 +64,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

@@ -218,7 +218,7 @@ def init_threshold_branch(model: paddle.nn.Layer, how: str) -> None:
             tensor.set_value(source[key])
         return
     if how == "fresh":
-        in_channels, mid = head.thresh.conv1.weight.shape[1], head.thresh.conv1.weight.shape[0]
+        mid = head.thresh.conv1.weight.shape[0]
         # A new branch of the unpruned width (the thresh branch is never pruned: it is train-only), its conv1 input
         # cut to the (possibly pruned) neck width.
         with paddle.utils.unique_name.guard("thresh_init_"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import os
 import time
@@ -31,13 +30,12 @@ from prune.groups import ChannelGroup, discover_groups
 from prune.plan import apply_plan, make_plan, weights_hash
 from omegaconf import DictConfig
 
+from train.cli import print_warning
 from train.data.dataset import DetDataset, build_split
 from train.data.source import DataSource
 from train.errors import ConfigError
 from train.evaluation import evaluate_detector, predict_maps
 from train.postprocess import DBPostProcess
-
-log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 METRICS = ("map_dice", "hmean")
@@ -249,7 +247,7 @@ def open_table(cache_file: Path, key: SensitivityKey, channels: dict[str, int]) 
             reason = str(exc)
         aside = cache_file.with_name(f"{cache_file.name}.corrupt-{int(time.time())}")
         os.replace(cache_file, aside)
-        log.warning("sensitivity cache %s is corrupt (%s): moved to %s, rebuilding", cache_file, reason, aside.name)
+        print_warning(f"sensitivity cache {cache_file} is corrupt ({reason}): moved to {aside.name}, rebuilding")
     return SensitivityTable(key=key, base=math.nan, channels=channels)
 
 

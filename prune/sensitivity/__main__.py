@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from prune.sensitivity import table_for_config
 from prune.sensitivity.report import format_table, plot_curves, write_csv
-from train.cli import exit_on_user_error, print_result_line
+from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.source import resolve_data
 from train.runtime import set_device
 from train.weights import load_detector
@@ -36,4 +36,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

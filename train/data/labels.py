@@ -2,7 +2,8 @@
 
 A label file has one line per image: ``relative/path.jpg<TAB>[{"transcription": "...", "points": [[x, y], ...]}]``.
 Every problem is found here, at load time, and reported with ``file:line`` so that a bad line never surfaces as
-an obscure crash deep inside a worker process several minutes into training.
+an obscure crash deep inside a worker process several minutes into training. That includes an image file that is
+not an image: its header is checked here (cheap), the pixels are decoded when the sample is used.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import cv2
 import numpy as np
 from shapely.geometry import Polygon
 from shapely.validation import explain_validity
@@ -109,6 +111,8 @@ def _parse_line(line: str, root: Path, label_file: Path, line_no: int) -> Labele
     image_path = root / rel_path
     if not image_path.is_file():
         raise _LineError(f"image file not found: {image_path}")
+    if not cv2.haveImageReader(str(image_path)):
+        raise _LineError(f"not an image OpenCV can read (unknown format or unreadable file): {image_path}")
     return LabeledImage(image_path=image_path, regions=regions, label_file=label_file, line_no=line_no)
 
 
