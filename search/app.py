@@ -1,8 +1,9 @@
 """The Hydra task of `python -m search` (`task`): one trial, either a job of the study's sweep or a single run by hand.
 
 In a sweep (`python -m search multirun`) the sweeper sets `trial.number`; the job reads that trial's plan from
-the study, runs it (`search.objective`), logs a child run under the study's MLflow parent run and returns a
-`TrialOutcome` for the sweeper to tell Optuna. A failure is logged as a FAILED run and re-raised as
+the study, runs it (`search.objective`), logs a child run under the study's MLflow parent run (its id recorded on
+the trial at once, so that a killed worker's run can be found and ended) and returns a `TrialOutcome` for the
+sweeper to tell Optuna. A failure is logged as a FAILED run and re-raised as
 `TrialFailed` (carrying the reason and the run id); Hydra hands it to the sweeper, which marks the trial failed
 and goes on.
 
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -28,8 +30,8 @@ from search.config import objectives
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, TrialData, TrialResult, load_trial_data, measure_model,
                               run_candidate)
 from search.space import SearchSpace
-from search.study import (STUDY_REFERENCE, STUDY_SPACE, TrialSpec, load_study, make_storage, mask_url,
-                          screening_points, trial_spec)
+from search.study import (STUDY_REFERENCE, STUDY_SPACE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, TrialSpec, load_study,
+                          make_storage, mask_url, screening_points, set_trial_attr, trial_spec)
 from search.tracking import RunLogger, Tracker
 from train.cli import exit_on_user_error, print_result_line
 from train.errors import ConfigError, UserError
@@ -132,7 +134,14 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
     tags = {"trial": spec.number, "study": cfg.search.study_name}
     if spec.baseline:
         tags["baseline"] = spec.baseline
-    run = tracker_for(cfg).start_run(f"trial-{spec.number}", parent_run_id=cfg.tracking.parent_run_id, tags=tags)
+    tracker = tracker_for(cfg)
+    run = tracker.start_run(f"trial-{spec.number}", parent_run_id=cfg.tracking.parent_run_id, tags=tags)
+    # At once: if this worker is killed from here on, the worker that fails the stale trial ends this run KILLED.
+    try:
+        set_trial_attr(study, spec.number, TRIAL_RUN_ID, run.run_id)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        run.end("KILLED")
+        raise TrialFailed(f"trial {spec.number} was failed by another worker before it started", run.run_id) from None
     params = trial_params(cfg, spec.ratios, [*space.channels, *space.fixed], spec.skip_set)
     run.log_params({**params, "trial_number": spec.number, "baseline": spec.baseline or "none",
                     "target_reduction": spec.target_reduction if spec.target_reduction is not None else "none"})
@@ -142,6 +151,11 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
                               cost_metric=cost_metric)
     finally:
         release_freed_memory()
+    # A launcher's job can outlive its worker (a SLURM job after the sweeper's host was lost): once another worker
+    # gave the trial up as stale, its run must not stay FINISHED beside a failed trial.
+    trial = study.get_trials(deepcopy=False)[spec.number]
+    if trial.state.is_finished():
+        tracker.kill_run(run.run_id, trial.user_attrs.get(TRIAL_FAIL_REASON, trial.state.name))
     return TrialOutcome(number=spec.number, run_id=run.run_id, screened_out=result.screened_out,
                         metrics=result.metrics())
 

@@ -1,24 +1,29 @@
 """The study's life in one invocation of `python -m search multirun`: prepare, run the trials, summarise.
 
 `search.sweeper` is the thin Hydra plugin around this (it owns the launcher); the steps are described there.
+Any number of such invocations (workers) may run on one study at once, on one host or many: they share the
+budget through the study (`search.study.Budget`, `over_budget`), beat on the trials they run and fail those of
+workers that stopped (`search.heartbeat`), and the first one builds the prior while the others wait.
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import optuna
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from optuna.trial import Trial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from prune.groups import discover_groups
 from prune.sensitivity.report import plot_curves, write_csv
 from search.app import TrialFailed, TrialOutcome
+from search.heartbeat import Heartbeat, Liveness, worker_id
 from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, objectives,
                            task_config)
 from search.objective import load_trial_data
@@ -26,11 +31,13 @@ from search.pareto import Selection, format_front, pareto_front, plot_front, sel
 from search.pareto import write_csv as write_records
 from search.prior import Prior, build_prior, check_always_skip
 from search.space import SearchSpace, cut_counts, params_for, suggest
-from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, FINISHED, STUDY_CHOSEN, STUDY_PARENT_RUN,
-                          STUDY_REFERENCE, STUDY_SETTINGS, STUDY_SPACE, TRIAL_BASELINE, TRIAL_FAIL_REASON,
-                          TRIAL_RATIOS, TRIAL_RUN_ID, TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_TARGET, WarmStart,
-                          constraints_func, count_finished, enqueue_warm_start, make_storage, mask_url, open_study,
-                          trial_records)
+from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, FINISHED, STALE_REASON,
+                          STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE, STUDY_SETTINGS, STUDY_SPACE,
+                          TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_RATIOS, TRIAL_RUN_ID,
+                          TRIAL_SCREENED_OUT, TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD, TRIAL_SKIP_SET,
+                          TRIAL_TARGET, TRIAL_WORKER, Budget, WarmStart, claim_creation, constraints_func,
+                          count_finished, enqueue_warm_start, fail_stale_trials, give_up, last_heartbeat,
+                          make_storage, mask_url, open_study, over_budget, storage_where, trial_records)
 from search.tracking import RunLogger, Tracker
 from train.cli import print_result_line
 from train.errors import ConfigError, UserError
@@ -48,8 +55,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 
 def make_sampler(cfg: DictConfig, offset: int) -> optuna.samplers.BaseSampler:
-    """The configured sampler; its seed is shifted by the study's trial count so that a resumed study does not
-    replay the random draws of the invocation before it."""
+    """The configured sampler with its seed shifted by `offset`."""
     kwargs = {}
     if cfg.search.sampler.get("seed") is not None:
         kwargs["seed"] = int(cfg.search.sampler.seed) + offset
@@ -63,13 +69,57 @@ def make_sampler(cfg: DictConfig, offset: int) -> optuna.samplers.BaseSampler:
                           f"({str(exc).splitlines()[0]})") from None
 
 
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """The configured sampler, built afresh for each trial with its seed shifted by the trial's number.
+
+    One sampler per invocation would give workers started together identically seeded generators (they would
+    propose the same plans), and a resumed study would replay the draws of the invocation before it. Seeding by
+    trial number avoids both and keeps a one-worker study reproducible. Optuna's samplers keep what they learn
+    in the study, not in the object, so a fresh instance per trial loses nothing.
+    """
+
+    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler]):
+        self._build = build
+        self._number = -1
+        self._sampler = build(0)  # fails now, in one line, if the sampler config is wrong
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial.number != self._number:
+            self._sampler, self._number = self._build(trial.number), trial.number
+        return self._sampler
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+
+
+def _masked(node: Any) -> Any:
+    """`node` (plain containers) with a password in any URL string masked."""
+    if isinstance(node, dict):
+        return {k: _masked(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_masked(v) for v in node]
+    return mask_url(node) if isinstance(node, str) else node
+
+
 def warm_start_trials(prior: Prior, unpruned: bool) -> list[WarmStart]:
     """The unpruned model first (the baseline from trial 0), then the seed rule's plans by target."""
     trials = [WarmStart(params_for(prior.space, {}), {TRIAL_BASELINE: BASELINE_UNPRUNED})] if unpruned else []
     for plan in prior.seed_rule:
         trials.append(WarmStart(params_for(prior.space, cut_counts(plan.plan)), {
             TRIAL_BASELINE: BASELINE_SEED_RULE, TRIAL_TARGET: plan.target_reduction,
-            "seed_rule_reduction": plan.reduction, "seed_rule_threshold": plan.threshold}))
+            TRIAL_SEED_RULE_REDUCTION: plan.reduction, TRIAL_SEED_RULE_THRESHOLD: plan.threshold}))
     return trials
 
 
@@ -80,28 +130,34 @@ class StudyRunner:
         self.objectives = objectives(list(cfg.search.objectives))
         self.out_dir = Path(cfg.out_dir)
         self.failures = 0
+        self.worker = worker_id()
+        # Asked by this worker and not told yet: the trials its heartbeat vouches for.
+        self.pending: list[Trial] = []
 
     # -- 1 and 2: checks, study, prior, parent run ------------------------------------------------------------
     def prepare(self) -> None:
         cfg = self.cfg
         check_search_config(cfg)
+        self.liveness = Liveness.from_config(cfg.search.heartbeat)
+        sampler = TrialSeededSampler(lambda number: make_sampler(cfg, number))
         set_device(cfg.device)
         # Every check a user can fail runs before the storage or the tracking store is written to.
         self._check_inputs()
+        where = storage_where(cfg.storage)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
         self.tracker.check()
-        storage = make_storage(cfg.storage)
-        self.study = open_study(storage, self.name, self.objectives)
+        self.storage = make_storage(cfg.storage)
         settings = frozen_settings(cfg)
-        stored = self.study.user_attrs.get(STUDY_SETTINGS)
-        if stored is not None:
-            check_same_settings(stored, settings, self.name)
-        self.study.sampler = make_sampler(cfg, len(self.study.get_trials(deepcopy=False)))
-        log.info("study %r: Optuna storage %s, MLflow %s", self.name,
-                 mask_url(str(cfg.storage.get("url", cfg.storage._target_))), mask_url(cfg.tracking.uri))
-        if STUDY_SPACE not in self.study.user_attrs:
-            self._create(settings)
+        self.study, created = open_study(self.storage, self.name, self.objectives)
+        log.info("study %r: Optuna storage %s, MLflow %s, worker %s", self.name, where, mask_url(cfg.tracking.uri),
+                 self.worker)
+        if created:
+            self.study.set_user_attr(STUDY_SETTINGS, settings)
+            self._lead(attempt=0)
+        else:
+            self._await_creation(settings)
+        self.study.sampler = sampler
         self.space = SearchSpace.from_json(self.study.user_attrs[STUDY_SPACE])
         self.parent = self._parent_run()
 
@@ -115,21 +171,69 @@ class StudyRunner:
         load_detector(cfg.model.name, cfg.model.checkpoint)
         load_trial_data(cfg)
 
-    def _create(self, settings: dict) -> None:
-        """First invocation: the prior, the parent run with its artifacts, the warm start, the study's fixed
-        attributes. The search space is written last: until it is there, the next invocation redoes the creation
-        (the sensitivity table is cached, the warm start is enqueued once)."""
+    def _lead(self, attempt: int) -> None:
+        """Build the prior while beating on the study's creation lease, so that waiting workers can tell a builder
+        at work from one that was killed. A builder that fails releases the lease: the next worker takes over at
+        once rather than after the grace period."""
+        def beat(heartbeat: float | None = None) -> None:
+            self.study.set_user_attr(STUDY_CREATION, {"worker": self.worker, "attempt": attempt,
+                                                      "heartbeat": time.time() if heartbeat is None else heartbeat})
+
+        beat()
+        try:
+            with Heartbeat(self.liveness.interval, beat, f"study {self.name!r} creation"):
+                self._create()
+        except BaseException:
+            beat(heartbeat=0.0)
+            raise
+
+    def _await_creation(self, settings: dict) -> None:
+        """Another worker created the study: wait until its prior is built, or take over when that worker stopped
+        beating (killed mid-scan); among several waiters, `claim_creation` picks one."""
+        waiting_since = time.time()
+        announced = False
+        while True:
+            attrs = self.study.user_attrs
+            if STUDY_SETTINGS in attrs:
+                check_same_settings(attrs[STUDY_SETTINGS], settings, self.name)
+            if STUDY_SPACE in attrs:
+                return
+            # No lease yet: its creator was stopped right after creating the study (or is about to write it).
+            lease = attrs.get(STUDY_CREATION, {"worker": "?", "attempt": 0, "heartbeat": waiting_since})
+            if self.liveness.is_stale(lease["heartbeat"]):
+                attempt = lease["attempt"] + 1
+                if claim_creation(self.storage, self.study, attempt):
+                    if STUDY_SPACE in self.study.user_attrs:  # finished after all, between the read and the claim
+                        return
+                    log.warning("worker %s stopped building the prior of study %r: worker %s takes over",
+                                lease["worker"], self.name, self.worker)
+                    if STUDY_SETTINGS not in attrs:
+                        self.study.set_user_attr(STUDY_SETTINGS, settings)
+                    self._lead(attempt)
+                    return
+            elif not announced:
+                log.info("waiting for worker %s to build the prior of study %r (sensitivity table, search space)",
+                         lease["worker"], self.name)
+                announced = True
+            time.sleep(self.liveness.interval)
+
+    def _create(self) -> None:
+        """The prior, the parent run with its artifacts, the warm start, the study's fixed attributes. The search
+        space is written last: until it is there, other workers wait, and a worker that takes over a stopped
+        builder redoes the creation (the sensitivity table is cached, the warm start is enqueued once)."""
         cfg = self.cfg
         prior = build_prior(cfg)
+        stopped = self.study.user_attrs.get(STUDY_PARENT_RUN)
+        if stopped:  # the partial parent run of a builder that was stopped
+            self.tracker.delete_run(stopped)
         parent = self.tracker.start_run(self.name, tags={"study": self.name,
                                                           "storage": mask_url(str(cfg.storage.get("url", "")))})
+        self.study.set_user_attr(STUDY_PARENT_RUN, parent.run_id)
         config = {k: mask_url(v) if isinstance(v, str) else v for k, v in flat_config(cfg).items()}
         parent.log_params(config)
         self._log_prior(parent, prior)
         count = enqueue_warm_start(self.study, warm_start_trials(prior, cfg.search.warm_start.unpruned))
         self.study.set_user_attr(STUDY_REFERENCE, prior.reference.to_json())
-        self.study.set_user_attr(STUDY_PARENT_RUN, parent.run_id)
-        self.study.set_user_attr(STUDY_SETTINGS, settings)
         self.study.set_user_attr(STUDY_SPACE, prior.space.to_json())  # the marker that creation finished
         log.info("search space: %d groups searched, %d left whole; %d warm-start trials enqueued",
                  len(prior.space.groups), len(prior.space.fixed), count)
@@ -137,7 +241,9 @@ class StudyRunner:
     def _log_prior(self, parent: RunLogger, prior: Prior) -> None:
         folder = self.out_dir / "prior"
         folder.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(task_config(self.cfg), folder / "config.yaml", resolve=True)
+        # Resolved, so storage and tracking URLs from the environment are in it: masked.
+        config = OmegaConf.to_container(task_config(self.cfg), resolve=True)
+        OmegaConf.save(OmegaConf.create(_masked(config)), folder / "config.yaml")
         prior.table.save(folder / "sensitivity.json")
         write_csv(prior.table, folder / "sensitivity.csv")
         plot_curves(prior.table, folder / "sensitivity.png")
@@ -165,41 +271,98 @@ class StudyRunner:
 
     # -- 3: the trial loop -----------------------------------------------------------------------------------
     def run(self, launch: Launch, batch_size: int) -> None:
-        """Ask, launch and tell until the budget is met or `search.max_failures` trials failed."""
+        """Ask, launch and tell until the study has its budget of finished trials or `search.max_failures` trials
+        failed in this invocation. Trials other workers are running count against the budget: with no room left,
+        this worker waits for them, as one may fail or go stale and free its place."""
         n_trials, max_failures = self.cfg.search.n_trials, self.cfg.search.max_failures
-        pending: list[Trial] = []
-        try:
-            while True:
-                finished = count_finished(self.study)
-                if finished >= n_trials:
-                    log.info("study %r has %d finished trials (budget %d)", self.name, finished, n_trials)
-                    return
-                if self.failures >= max_failures:
-                    log.error("stopping: %d trials failed in this run (search.max_failures=%d); %d of %d finished",
-                              self.failures, max_failures, finished, n_trials)
-                    return
-                pending = [self._ask() for _ in range(min(batch_size, n_trials - finished))]
-                overrides = [[f"trial.number={t.number}", f"tracking.parent_run_id={self.parent.run_id}"]
-                             for t in pending]
-                for job in launch([t.number for t in pending], overrides):
-                    self._tell(pending[0], job)
-                    pending.pop(0)
-        except BaseException as exc:
-            # Interrupted (Ctrl-C) or broken mid-batch: its trials are failed rather than left running forever.
-            for trial in pending:
-                trial.set_user_attr(TRIAL_FAIL_REASON, f"interrupted ({type(exc).__name__})")
-                self.study.tell(trial, state=TrialState.FAIL)
-            self.parent.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            raise
+        waited: Budget | None = None
+        with Heartbeat(self.liveness.interval, self._beat, f"trials of worker {self.worker}"):
+            try:
+                while True:
+                    self._fail_stale()
+                    budget = Budget.of(self.study)
+                    if budget.finished >= n_trials:
+                        log.info("study %r has %d finished trials (budget %d)", self.name, budget.finished, n_trials)
+                        return
+                    if self.failures >= max_failures:
+                        log.error("stopping: %d trials failed in this run (search.max_failures=%d); %d of %d "
+                                  "finished", self.failures, max_failures, budget.finished, n_trials)
+                        return
+                    room = n_trials - budget.finished - budget.running
+                    if room <= 0:
+                        if budget != waited:
+                            log.info("waiting for %d running trial(s) of other workers (%d of %d finished)",
+                                     budget.running, budget.finished, n_trials)
+                            waited = budget
+                        time.sleep(self.liveness.interval)
+                        continue
+                    self._ask(min(batch_size, room))
+                    if not self.pending:
+                        continue
+                    overrides = [[f"trial.number={t.number}", f"tracking.parent_run_id={self.parent.run_id}"]
+                                 for t in self.pending]
+                    for job in launch([t.number for t in self.pending], overrides):
+                        self._tell(self.pending[0], job)
+                        self.pending.pop(0)
+            except BaseException as exc:
+                # Interrupted (Ctrl-C) or broken mid-batch: its trials are failed rather than left running.
+                for trial in self.pending:
+                    give_up(self.study, trial.number, f"interrupted ({type(exc).__name__})")
+                self.parent.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+                raise
 
-    def _ask(self) -> Trial:
-        trial = self.study.ask()
-        candidate = suggest(trial, self.space)
-        trial.set_user_attr(TRIAL_RATIOS, json.dumps(self.space.ratios(candidate)))
-        trial.set_user_attr(TRIAL_SKIP_SET, self.space.skip_set(candidate))
-        return trial
+    def _beat(self) -> None:
+        now = time.time()
+        for trial in list(self.pending):
+            try:
+                trial.set_user_attr(TRIAL_HEARTBEAT, now)
+            except optuna.exceptions.UpdateFinishedTrialError:  # told since the list was copied
+                pass
+
+    def _fail_stale(self) -> None:
+        """Fail the trials of workers that stopped beating, and end their MLflow runs KILLED."""
+        for trial in fail_stale_trials(self.study, self.liveness):
+            log.warning("trial %d of worker %s failed: %s (none for %.0f s)", trial.number,
+                        trial.user_attrs.get(TRIAL_WORKER, "?"), STALE_REASON,
+                        time.time() - last_heartbeat(trial))
+            self._kill_run(trial, STALE_REASON)
+
+    def _kill_run(self, trial: FrozenTrial, reason: str) -> None:
+        run_id = trial.user_attrs.get(TRIAL_RUN_ID)
+        if run_id:
+            self.tracker.kill_run(run_id, reason)
+
+    def _ask(self, count: int) -> None:
+        """Ask up to `count` trials into `self.pending`, each with its plan stored in the study. A trial that a
+        concurrent ask of another worker pushed over the budget (`over_budget`) is given back: failed, so it does
+        not count, and never launched."""
+        for _ in range(count):
+            trial = self.study.ask()
+            trial.set_user_attr(TRIAL_WORKER, self.worker)
+            trial.set_user_attr(TRIAL_HEARTBEAT, time.time())
+            if over_budget(self.study, trial.number, self.cfg.search.n_trials):
+                give_up(self.study, trial.number, BUDGET_MET_REASON)
+                log.info("trial %d given back: %s", trial.number, BUDGET_MET_REASON)
+                return
+            self.pending.append(trial)
+            candidate = suggest(trial, self.space)
+            trial.set_user_attr(TRIAL_RATIOS, json.dumps(self.space.ratios(candidate)))
+            trial.set_user_attr(TRIAL_SKIP_SET, self.space.skip_set(candidate))
 
     def _tell(self, trial: Trial, job: JobReturn) -> None:
+        try:
+            self._report(trial, job)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            frozen = self.study.get_trials(deepcopy=False)[trial.number]
+            if frozen.state == TrialState.RUNNING:
+                raise
+            # Its heartbeat was late by more than the grace period (an overloaded host, a storage outage or
+            # clocks out of step), so another worker failed it and its place in the budget went to another trial.
+            log.warning("trial %d was failed by another worker while it ran (%s): its result is dropped",
+                        trial.number, frozen.user_attrs.get(TRIAL_FAIL_REASON, frozen.state.name))
+            self._kill_run(frozen, STALE_REASON)
+
+    def _report(self, trial: Trial, job: JobReturn) -> None:
         try:
             outcome: TrialOutcome = job.return_value
         except Exception as exc:  # the job's exception, re-raised by JobReturn
@@ -207,8 +370,6 @@ class StudyRunner:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if not isinstance(exc, TrialFailed):
                 reason = f"{type(exc).__name__}: {reason}"
-            else:
-                trial.set_user_attr(TRIAL_RUN_ID, exc.run_id)
             trial.set_user_attr(TRIAL_FAIL_REASON, reason[:1000])
             self.study.tell(trial, state=TrialState.FAIL)
             log.warning("trial %d failed: %s", trial.number, reason)
@@ -216,7 +377,6 @@ class StudyRunner:
         assert job.status == JobStatus.COMPLETED
         for key, value in outcome.metrics.items():
             trial.set_user_attr(key, value)
-        trial.set_user_attr(TRIAL_RUN_ID, outcome.run_id)
         if outcome.screened_out:
             trial.set_user_attr(TRIAL_SCREENED_OUT, True)
             self.study.tell(trial, state=TrialState.PRUNED)

@@ -1,26 +1,35 @@
-"""The Optuna study behind a search: storage, creation or resume, warm start, counting, and what trials carry.
+"""The Optuna study behind a search: storage, creation or resume, warm start, budget, stale trials, and what trials
+carry.
 
 The study is the single source of truth shared by the sweeper and the trial jobs (which may run in other
 processes or on other hosts): the sweeper stores each trial's plan ratios as user attributes before launching it,
 the job reads them back by trial number, and the sweeper records the job's metrics as user attributes when it
 tells the result. Study-level user attributes hold what was fixed at creation (settings, search space, unpruned
 reference measurement, MLflow parent run), so a resumed study searches the same space against the same reference.
+
+Several workers may share one study (`search.heartbeat`, `search.heartbeat.Heartbeat`): each beats on the trials it
+runs, and any worker fails another's trial whose heartbeat stopped, so a killed worker's budget is freed.
 """
 from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from omegaconf.errors import InterpolationResolutionError
 from optuna.trial import FrozenTrial, TrialState
 
 from search.config import Objective
 from search.pareto import TrialRecord
 from train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from search.heartbeat import Liveness
 
 # Study user attributes.
 STUDY_SETTINGS = "settings"
@@ -29,15 +38,26 @@ STUDY_REFERENCE = "reference"
 STUDY_PARENT_RUN = "mlflow_parent_run_id"
 STUDY_WARM_STARTED = "warm_started"
 STUDY_CHOSEN = "chosen_trial"
+STUDY_CREATION = "creation"     # the lease of the worker building the prior: {worker, attempt, heartbeat}
 
 # Trial user attributes.
 TRIAL_RATIOS = "ratios"
 TRIAL_SKIP_SET = "skip_set"
 TRIAL_BASELINE = "baseline"
 TRIAL_TARGET = "target_reduction"
+TRIAL_SEED_RULE_REDUCTION = "seed_rule_reduction"
+TRIAL_SEED_RULE_THRESHOLD = "seed_rule_threshold"
 TRIAL_RUN_ID = "mlflow_run_id"
 TRIAL_SCREENED_OUT = "screened_out"
 TRIAL_FAIL_REASON = "fail_reason"
+TRIAL_WORKER = "worker"
+TRIAL_HEARTBEAT = "heartbeat"   # time.time() of the running trial's last heartbeat
+
+STALE_REASON = "stale: worker stopped sending heartbeats"
+BUDGET_MET_REASON = "budget met by other workers"
+
+# What a warm-start trial is enqueued with (and enqueued again with when it is given up before it ran).
+WARM_START_ATTRS = (TRIAL_BASELINE, TRIAL_TARGET, TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD)
 
 BASELINE_SEED_RULE = "seed_rule"
 BASELINE_UNPRUNED = "unpruned"
@@ -52,15 +72,40 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def storage_where(cfg: DictConfig) -> str:
+    """Where the `storage` config points (its URL, masked, or its class), for messages; resolving it here makes an
+    unset environment variable (`storage=postgres` without $SEARCH_STORAGE_URL) one ConfigError before anything is
+    written."""
+    try:
+        return mask_url(str(cfg.get("url", cfg.get("_target_"))))
+    except InterpolationResolutionError as exc:
+        raise ConfigError(f"storage.url: {str(exc).splitlines()[0]}") from None
+
+
 def make_storage(cfg: DictConfig) -> optuna.storages.BaseStorage:
     """The Optuna storage the `storage` config describes; ConfigError (one line) when it cannot be opened."""
-    where = mask_url(str(cfg.get("url", cfg.get("_target_"))))
-    try:
-        return instantiate(cfg)
-    except Exception as exc:  # SQLAlchemy, driver and OS errors all mean the same thing to the user
-        cause = exc.__cause__ or exc
-        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise ConfigError(f"storage {where}: cannot open ({type(cause).__name__}: {mask_url(message)})") from None
+    where = storage_where(cfg)
+    for attempt in range(_CREATE_TABLE_ATTEMPTS):
+        try:
+            return instantiate(cfg)
+        except Exception as exc:  # SQLAlchemy, driver and OS errors all mean the same thing to the user
+            cause = exc.__cause__ or exc
+            if _lost_table_creation_race(cause) and attempt + 1 < _CREATE_TABLE_ATTEMPTS:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise ConfigError(f"storage {where}: cannot open ({type(cause).__name__}: {mask_url(message)})") from None
+    raise AssertionError("unreachable")
+
+
+# Workers started together on an empty RDB all create Optuna's tables; all but one fail with a duplicate-object
+# error (optuna/optuna#1092). Opening again then finds the tables: a few retries settle it.
+_CREATE_TABLE_ATTEMPTS = 4
+
+
+def _lost_table_creation_race(exc: BaseException) -> bool:
+    return type(exc).__name__ in ("IntegrityError", "ProgrammingError") and (
+        "already exists" in str(exc) or "duplicate" in str(exc).lower())
 
 
 def constraint_values(attrs: Mapping[str, Any], constraints: Mapping[str, float | None]) -> list[float]:
@@ -93,14 +138,34 @@ def constraints_func(constraints: Mapping[str, float | None]) -> Callable[[Froze
     return evaluate
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, objectives: Sequence[Objective],
-               sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
-    """Create the study, or load it when it exists (resume)."""
-    study = optuna.create_study(storage=storage, study_name=name, directions=[o.direction for o in objectives],
-                                sampler=sampler, load_if_exists=True)
-    if study.metric_names is None:
-        study.set_metric_names([o.metric for o in objectives])
-    return study
+def open_study(storage: optuna.storages.BaseStorage, name: str,
+               objectives: Sequence[Objective]) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when it exists (resume, or another worker created it); True when created here.
+
+    Creating a study is atomic in every Optuna storage, so of several workers started together exactly one gets
+    True: the one that builds the prior.
+    """
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, directions=[o.direction for o in objectives])
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage), False
+    study.set_metric_names([o.metric for o in objectives])
+    return study, True
+
+
+def claim_creation(storage: optuna.storages.BaseStorage, study: optuna.Study, attempt: int) -> bool:
+    """Claim the rebuilding of `study`'s prior after its builder stopped (attempt `attempt`); True when won.
+
+    Study creation is the one compare-and-set every Optuna storage offers, so each takeover attempt creates an
+    empty marker study `<name>.takeover-<study id>-<attempt>`; of the workers that find the same stale builder,
+    only one creates it. (The id keeps markers of a deleted and re-created study from blocking the new one.)
+    """
+    marker = f"{study.study_name}.takeover-{study._study_id}-{attempt}"  # noqa: SLF001 (no public id)
+    try:
+        optuna.create_study(storage=storage, study_name=marker)
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    return True
 
 
 def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
@@ -131,6 +196,84 @@ def enqueue_warm_start(study: optuna.Study, trials: Sequence[WarmStart]) -> int:
 def count_finished(study: optuna.Study) -> int:
     """Trials that count towards `search.n_trials`: complete and screened-out ones (failures do not)."""
     return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Where the study stands against `search.n_trials`: finished trials, and running ones (any worker's)."""
+
+    finished: int
+    running: int
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> Budget:
+        trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        return cls(finished=len(trials) - running, running=running)
+
+
+def over_budget(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """True when trial `number` (just asked, running) would exceed `n_trials`.
+
+    Asking is not atomic: two workers that both saw room for one more trial both get one. The rule that settles
+    it without a lock: trials rank by number (the storage assigns numbers in creation order), and a trial fits
+    when the finished trials plus the running trials before it leave room. The highest-numbered kept trial saw
+    every lower one, so no more than `n_trials` are kept, and the lowest-numbered contender keeps its place.
+    (The one interleaving this cannot rank: a trial enqueued again by `give_up` in the milliseconds between
+    another worker's search for enqueued trials and its creation of a new one, then asked after both.)
+    """
+    ahead = sum(1 for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+                if t.state != TrialState.RUNNING or t.number < number)
+    return ahead >= n_trials
+
+
+def set_trial_attr(study: optuna.Study, number: int, key: str, value: Any) -> None:
+    """Set a user attribute of trial `number` from any process.
+
+    Optuna's public setter is on the live `Trial` object, which only the process that asked the trial holds; a trial
+    job in another process (or this worker, for another worker's trial) goes through the storage. Raises
+    `optuna.exceptions.UpdateFinishedTrialError` once the trial has finished.
+    """
+    trial = study.get_trials(deepcopy=False)[number]  # trials are listed by number, 0..n-1
+    study._storage.set_trial_user_attr(trial._trial_id, key, value)  # noqa: SLF001 (see above)
+
+
+def last_heartbeat(trial: FrozenTrial) -> float:
+    """When the worker running `trial` last showed it was alive (its start, until the first beat)."""
+    beat = trial.user_attrs.get(TRIAL_HEARTBEAT)
+    if beat is not None:
+        return float(beat)
+    return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+
+
+def give_up(study: optuna.Study, number: int, reason: str) -> FrozenTrial | None:
+    """Fail running trial `number` with `reason` (a failure does not count towards the budget) and, if it was an
+    enqueued warm-start trial, enqueue its plan again: the baselines must each run once.
+
+    None when the trial finished meanwhile: told by its own worker, or given up by another worker. Finishing a
+    trial is atomic in the storage, so of several workers giving up the same trial exactly one gets it back.
+    """
+    try:
+        set_trial_attr(study, number, TRIAL_FAIL_REASON, reason)
+        told = study.tell(number, state=TrialState.FAIL)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # ValueError: "Cannot tell a FAIL trial"
+        return None
+    fixed = told.system_attrs.get("fixed_params")  # how Optuna marks a trial that enqueue_trial created
+    if fixed is not None:
+        study.enqueue_trial(fixed, user_attrs={k: v for k, v in told.user_attrs.items() if k in WARM_START_ATTRS})
+    return told
+
+
+def fail_stale_trials(study: optuna.Study, liveness: Liveness) -> list[FrozenTrial]:
+    """Give up every running trial whose worker stopped beating (killed, host lost); returns those given up here
+    (another worker may be doing the same, and a slow worker may still finish its trial meanwhile)."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if liveness.is_stale(last_heartbeat(trial)):
+            told = give_up(study, trial.number, STALE_REASON)
+            if told is not None:
+                failed.append(told)
+    return failed
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,21 @@
 
 `sweep()`:
 1. checks the config, opens the storage and the MLflow tracking store (one-line errors, exit 2, before any work);
-2. creates or resumes the study (`search.study_name`); on creation it builds the prior once (sensitivity table,
-   seed-rule plans, search space, unpruned reference measurement), opens the study's MLflow parent run with the
-   config and the prior as artifacts, and enqueues the warm-start trials (unpruned + seed rule at each target);
+2. creates or resumes the study (`search.study_name`); the worker that creates it builds the prior once
+   (sensitivity table, seed-rule plans, search space, unpruned reference measurement), opens the study's MLflow
+   parent run with the config and the prior as artifacts, and enqueues the warm-start trials (unpruned + seed
+   rule at each target), while other workers started on the same study wait (and take over if it is killed);
 3. until the study has `search.n_trials` finished trials (complete or screened out; failures do not count, and
-   this invocation stops after `search.max_failures` of them): asks trials, suggests their plans from the space,
-   stores the plans in the study, launches one job per trial (`trial.number=<n>`) and tells Optuna the jobs'
-   objectives, screened-out state or failure reason;
+   this invocation stops after `search.max_failures` of them): fails the trials of workers that stopped sending
+   heartbeats, asks as many trials as the budget has room for beside those other workers are running, suggests
+   their plans from the space, stores the plans in the study, launches one job per trial (`trial.number=<n>`)
+   while beating on them, and tells Optuna the jobs' objectives, screened-out state or failure reason;
 4. summarises: Pareto front, chosen trial (`search.select`), MLflow tags, Pareto CSV and plot; the last stdout line
    is `chosen_trial=<n> hmean=<f> flops_ratio=<f> latency_ratio=<f> run_id=<id>`.
 
 Rerunning the same command resumes: `n_trials` is the study's total, so a finished study only prints its summary.
+Running it several times at once (on one host with `storage=journal`, on many with `storage=postgres`) shares the
+study's budget among the workers.
 
 Hydra imports every module of the `hydra_plugins` package (where this class is registered) when any Hydra app of
 this repository starts; the heavy imports (Paddle, Optuna, MLflow) therefore happen inside `sweep()`.

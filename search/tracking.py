@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import requests
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -21,6 +22,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from search.study import mask_url
 from train.errors import ConfigError
+from train.locks import host_lock
 
 # MLflow's per-request limits for log_batch.
 _MAX_PARAMS = 100
@@ -72,6 +74,22 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status)
 
 
+@contextmanager
+def _first_open_lock(uri: str) -> Iterator[None]:
+    """Serialise opening a SQLite tracking store among the processes of this host.
+
+    Opening the store creates and migrates its tables; two workers started together on a new file both migrate
+    it and one fails ("duplicate column name"). A server (`http://...`) does that once, for every client.
+    """
+    prefix = "sqlite:///"
+    path = Path(uri[len(prefix):]) if uri.startswith(prefix) else None
+    if path is None or not path.parent.is_dir():  # not SQLite, or MLflow reports the bad path
+        yield
+        return
+    with host_lock(path.with_name(path.name + ".lock")):
+        yield
+
+
 class Tracker:
     """The study's MLflow experiment on one tracking server or store."""
 
@@ -79,7 +97,8 @@ class Tracker:
         self.uri = uri
         self.experiment = experiment
         self.artifact_location = artifact_location
-        self.client = MlflowClient(tracking_uri=uri)
+        with _first_open_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
 
     def check(self) -> None:
         """Fail fast with a one-line ConfigError when the tracking URI cannot be used.
@@ -134,3 +153,25 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         RunLogger(self.client, run_id).set_tags(tags)
+
+    def kill_run(self, run_id: str, reason: str) -> None:
+        """End the run of a trial the study gave up on as KILLED, with `reason` as its `fail_reason` tag.
+
+        A run that ended FAILED or KILLED keeps its status; a FINISHED one is marked KILLED too, as its result
+        never reached the study (its worker was stopped between the end of the job and telling Optuna).
+        """
+        try:
+            status = self.client.get_run(run_id).info.status
+        except MlflowException:  # not in this store (e.g. tracking moved): nothing to end
+            return
+        if status not in ("FAILED", "KILLED"):
+            self.set_tags(run_id, {"fail_reason": reason})
+            self.client.set_terminated(run_id, "KILLED")
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run that must not be mistaken for a real one (a parent run whose study creation was taken
+        over); a run this store does not have is ignored."""
+        try:
+            self.client.delete_run(run_id)
+        except MlflowException:
+            pass

@@ -34,6 +34,7 @@ from shapely.geometry import Polygon
 from tqdm import tqdm
 
 from train.errors import ConfigError, DataError
+from train.locks import host_lock
 from train.schema import checked_fields
 
 SCHEMA_VERSION = 1
@@ -199,21 +200,25 @@ def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec, progress: bool = T
     root = Path(root)
     if _is_complete(root, spec):
         return root
-    _check_replaceable(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _generate(tmp, spec, progress)
-        if root.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            root.rename(old / root.name)
-            tmp.rename(root)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    # Workers of one study started together would each render it and swap their copy in under the others' feet:
+    # one renders, the rest wait and find it complete.
+    with host_lock(root.parent / f".{root.name}.lock"):
+        if _is_complete(root, spec):
+            return root
+        _check_replaceable(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            _generate(tmp, spec, progress)
+            if root.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+                root.rename(old / root.name)
+                tmp.rename(root)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(root)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return root
 
 
