@@ -7,8 +7,8 @@
    no higher cost skips fine-tuning (it is "screened out").
 4. Brief recovery fine-tune (`train.recovery`, distillation from the unpruned model), then hmean / precision /
    recall on the eval split. A plan that cuts nothing is not fine-tuned: a student equal to its teacher has
-   nothing to recover, so the unpruned baseline is the pretrained model as the user brought it (BN-recalibrated
-   like every candidate when screening is on), and the search's budget goes to pruned candidates.
+   nothing to recover, so the unpruned baseline is the pretrained model as the user brought it (not
+   BN-recalibrated either), and the search's budget goes to pruned candidates.
 Metrics reach a `MetricSink` as soon as they exist, so a trial that fails late still shows what it measured.
 """
 from __future__ import annotations
@@ -158,8 +158,10 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
     screening = cfg.search.screening
     if screening.enabled:
         tic = time.perf_counter()
-        result.screen = screen_candidate(model, data, settings, screening.bn_batches, screening.max_images,
-                                         cfg.progress)
+        # An unpruned model's statistics still fit its weights; re-estimating them on a few crops only adds noise
+        # (PP-OCRv4 det: hmean 0.959 -> 0.930 with 4 batches of 4 crops).
+        bn_batches = screening.bn_batches if cut_counts(plan) else 0
+        result.screen = screen_candidate(model, data, settings, bn_batches, screening.max_images, cfg.progress)
         result.seconds["screen"] = time.perf_counter() - tic
         sink.log_metrics({f"screen_{k}": getattr(result.screen, k) for k in ("hmean", "precision", "recall")})
         cost = result.cost_metrics()[cost_metric]

@@ -41,7 +41,7 @@ def test_bad_values_name_the_key(override, message):
 
 def test_frozen_settings_cover_what_makes_trials_comparable(monkeypatch):
     base = frozen_settings(_compose())
-    assert base["finetune.steps"] == 20 and base["prune.align"] == 8 and base["search.objectives"] == ["hmean", "flops"]
+    assert base["finetune.steps"] == 60 and base["prune.align"] == 8 and base["search.objectives"] == ["hmean", "flops"]
     assert not any(k.startswith(("search.n_trials", "search.sampler", "search.select", "tracking")) for k in base)
     monkeypatch.setenv("OCRDET_CACHE_DIR", "/elsewhere")
     assert frozen_settings(_compose("search.n_trials=40", "search/sampler=nsgaii")) == base
@@ -50,5 +50,5 @@ def test_frozen_settings_cover_what_makes_trials_comparable(monkeypatch):
 def test_resuming_under_other_settings_names_the_key_and_both_values():
     stored = frozen_settings(_compose())
     check_same_settings(stored, frozen_settings(_compose()), "s")
-    with pytest.raises(ConfigError, match=r"^finetune\.steps=50, but study 's' was created with 20"):
+    with pytest.raises(ConfigError, match=r"^finetune\.steps=50, but study 's' was created with 60"):
         check_same_settings(stored, frozen_settings(_compose("finetune.steps=50")), "s")

@@ -64,7 +64,7 @@ class RecoverySettings:
     feature_weight: float = 10.0
     label_weight: float = 1.0
     thresh_init: str = "fresh"
-    training_form: bool = True
+    training_form: bool = False
     bn_mode: str = "frozen"
     calibration_batches: int = 4
     weight_decay: float = 0.0
