@@ -201,8 +201,9 @@ def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec, progress: bool = T
     if _is_complete(root, spec):
         return root
     # Workers of one study started together would each render it and swap their copy in under the others' feet:
-    # one renders, the rest wait and find it complete.
-    with host_lock(root.parent / f".{root.name}.lock"):
+    # one renders, the rest wait and find it complete. The lock is on the cache folder itself: no lock file.
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with host_lock(root.parent):
         if _is_complete(root, spec):
             return root
         _check_replaceable(root)
