@@ -36,7 +36,8 @@ from prune.groups import discover_groups
 from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned
 from search.objective import PLAN_FILE, WEIGHTS_FILE, load_trial_data, measure_model, recover_candidate
-from search.study import STUDY_CHOSEN, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage
+from search.study import STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage
+from search.app import tracker_for
 from search.tracking import RunLogger, Tracker
 from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.dataset import DetDataset
@@ -245,7 +246,7 @@ def _log_to_mlflow(tracker: Tracker, cfg: DictConfig, selected: SelectedTrial, t
 def main(cfg: DictConfig) -> None:
     _check_export_config(cfg)
     set_device(cfg.device)
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    tracker = tracker_for(cfg)
     tracker.check()
     study = load_study(make_storage(cfg.storage), cfg.search.study_name)
     selected = select_trial(study, cfg.trial, cfg.run_id)
@@ -273,15 +274,14 @@ def main(cfg: DictConfig) -> None:
     target, diff, deployed_diff = _write_export(model, plan, cfg, target, parity_images(data.eval_set, cfg.export.parity.images))
     measured: Measurement = measure_model(model, cfg)
 
-    reference_flops = selected.attrs["flops"] / selected.attrs["flops_ratio"]
-    reference_latency = selected.attrs["latency_ms"] / selected.attrs["latency_ratio"]
+    reference = Measurement.from_json(study.user_attrs[STUDY_REFERENCE])  # what the trial's ratios are relative to
     report = ExportReport(
         trial=selected.number, run_id=selected.run_id, format=str(cfg.export.format), finetune_steps=settings.steps,
         trial_hmean=float(selected.attrs["hmean"]), hmean=scores.hmean, precision=scores.precision,
         recall=scores.recall, flops=measured.flops, params=measured.params, latency_ms=measured.latency_ms,
         size_bytes=measured.size_bytes, trial_flops=int(selected.attrs["flops"]),
-        trial_latency_ms=float(selected.attrs["latency_ms"]), flops_ratio=measured.flops / reference_flops,
-        latency_ratio=measured.latency_ms / reference_latency, parity_max_abs_diff=diff,
+        trial_latency_ms=float(selected.attrs["latency_ms"]), flops_ratio=measured.flops / reference.flops,
+        latency_ratio=measured.latency_ms / reference.latency_ms, parity_max_abs_diff=diff,
         deployed_max_abs_diff=deployed_diff)
     if report.flops != report.trial_flops:  # same plan, same input size: anything else is a bug in the replay
         raise AssertionError(f"exported model has {report.flops} FLOPs, trial {selected.number} had "

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from prune.groups import discover_groups
 from prune.sensitivity.report import plot_curves, write_csv
-from search.app import TrialFailed, TrialOutcome
+from search.app import TrialFailed, TrialOutcome, tracker_for
 from search.heartbeat import Heartbeat, Liveness, worker_id
 from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, objectives,
                            task_config)
@@ -38,7 +38,7 @@ from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REAS
                           TRIAL_TARGET, TRIAL_WORKER, Budget, WarmStart, claim_creation, constraints_func,
                           count_finished, enqueue_warm_start, fail_stale_trials, give_up, last_heartbeat,
                           make_storage, mask_url, open_study, over_budget, storage_where, trial_records)
-from search.tracking import RunLogger, Tracker
+from search.tracking import RunLogger
 from train.cli import print_result_line
 from train.errors import ConfigError, UserError
 from train.models.zoo import build_detector
@@ -145,7 +145,7 @@ class StudyRunner:
         self._check_inputs()
         where = storage_where(cfg.storage)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+        self.tracker = tracker_for(cfg)
         self.tracker.check()
         self.storage = make_storage(cfg.storage)
         settings = frozen_settings(cfg)
@@ -229,8 +229,7 @@ class StudyRunner:
         parent = self.tracker.start_run(self.name, tags={"study": self.name,
                                                           "storage": mask_url(str(cfg.storage.get("url", "")))})
         self.study.set_user_attr(STUDY_PARENT_RUN, parent.run_id)
-        config = {k: mask_url(v) if isinstance(v, str) else v for k, v in flat_config(cfg).items()}
-        parent.log_params(config)
+        parent.log_params(_masked(flat_config(cfg)))
         self._log_prior(parent, prior)
         count = enqueue_warm_start(self.study, warm_start_trials(prior, cfg.search.warm_start.unpruned))
         self.study.set_user_attr(STUDY_REFERENCE, prior.reference.to_json())

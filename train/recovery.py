@@ -256,10 +256,10 @@ def recover(
     """
     init_threshold_branch(student, settings.thresh_init)
     dataset = recovery_dataset(train_set, settings)
-    probe = _calibration_images(dataset, settings)
     unfused = settings.training_form and any(
         isinstance(layer, LearnableRepLayer) and layer.is_repped for layer in student.sublayers())
-    if unfused:
+    if unfused:  # only the training form needs the calibration crops (its BN statistics, the fusion check)
+        probe = _calibration_images(dataset, settings)
         unfuse(student, probe)
     # Without labels nothing reads the threshold map: skipping its branch saves about a fifth of every step.
     overrides = _train_mode_overrides(student, freeze_bn=settings.bn_mode == "frozen",
