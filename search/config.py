@@ -35,7 +35,7 @@ OBJECTIVES: dict[str, Objective] = {
 FROZEN_SECTIONS = ("model", "data", "postprocess", "prune", "sensitivity", "finetune", "measure")
 FROZEN_SEARCH_KEYS = ("objectives", "space", "warm_start")
 # Where a cache lives does not change its content (it is keyed by content), and it follows $OCRDET_CACHE_DIR.
-_UNFROZEN_LEAVES = ("cache_dir",)
+_UNFROZEN_LEAVES = ("cache_dir", "pool_cache_dir")
 
 
 def objectives(names: list[str]) -> list[Objective]:
@@ -89,6 +89,19 @@ def check_search_config(cfg: DictConfig) -> None:
         _positive_or_null(search.constraints, "constraints", key)
     for key in ("max_flops_ratio", "max_latency_ratio"):
         _positive_or_null(search.select, "select", key)
+    min_agreement = search.select.min_agreement
+    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+        raise ConfigError(f"search.select.min_agreement={min_agreement}: must be in [0, 1] or null")
+    if min_agreement is not None and cfg.data.get("unlabeled_eval") is None:
+        raise ConfigError("search.select.min_agreement needs the guard's images: set data.unlabeled_eval (builtin or "
+                          "a folder of your images), or search.select.min_agreement=null")
+
+
+def study_constraints(cfg: DictConfig) -> dict[str, float | None]:
+    """What makes a trial feasible: `search.constraints` plus the generalization guard's
+    `search.select.min_agreement` (a trial the guard rejects is off the front, never chosen, and the sampler is told,
+    through Optuna's constraints, to look elsewhere)."""
+    return {**OmegaConf.to_container(cfg.search.constraints), "min_agreement": cfg.search.select.min_agreement}
 
 
 def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:

@@ -35,7 +35,8 @@ from optuna.trial import TrialState
 from prune.groups import discover_groups
 from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned
-from search.objective import PLAN_FILE, WEIGHTS_FILE, load_trial_data, measure_model, recover_candidate
+from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_model,
+                              recover_candidate, recovery_pool)
 from search.study import STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage
 from search.app import tracker_for
 from search.tracking import RunLogger, Tracker
@@ -167,12 +168,15 @@ class ExportReport:
     latency_ratio: float
     parity_max_abs_diff: float
     deployed_max_abs_diff: float
+    agreement: float | None = None      # generalization guard (data.unlabeled_eval); None without guard images
+    false_boxes: float | None = None
 
     def metrics(self) -> dict[str, float]:
         """The numbers logged to MLflow (prefixed `export_`)."""
         keys = ("hmean", "precision", "recall", "flops", "params", "latency_ms", "size_bytes", "flops_ratio",
-                "latency_ratio", "parity_max_abs_diff", "deployed_max_abs_diff", "finetune_steps")
-        return {f"export_{k}": float(getattr(self, k)) for k in keys}
+                "latency_ratio", "parity_max_abs_diff", "deployed_max_abs_diff", "finetune_steps", "agreement",
+                "false_boxes")
+        return {f"export_{k}": float(getattr(self, k)) for k in keys if getattr(self, k) is not None}
 
 
 def _check_export_config(cfg: DictConfig) -> None:
@@ -264,14 +268,17 @@ def main(cfg: DictConfig) -> None:
         model = load_pruned(cfg.model.name, plan, weights_path)
 
     data = load_trial_data(cfg)
+    teacher = load_detector(cfg.model.name, cfg.model.checkpoint)
     if settings.steps:
         seed_everything(cfg.seed)
-        teacher = load_detector(cfg.model.name, cfg.model.checkpoint)
-        recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings, cfg.progress)
-        del teacher
+        recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings, cfg.progress,
+                          pool=recovery_pool(data, settings))
     scores: DetScores = evaluate_detector(model, data.eval_set, data.postprocess, cfg.data.eval.max_images,
                                           progress=cfg.progress)
-    target, diff, deployed_diff = _write_export(model, plan, cfg, target, parity_images(data.eval_set, cfg.export.parity.images))
+    guard = guard_candidate(cfg, model, teacher, data)
+    del teacher
+    target, diff, deployed_diff = _write_export(model, plan, cfg, target,
+                                                parity_images(data.eval_set, cfg.export.parity.images))
     measured: Measurement = measure_model(model, cfg)
 
     reference = Measurement.from_json(study.user_attrs[STUDY_REFERENCE])  # what the trial's ratios are relative to
@@ -282,7 +289,8 @@ def main(cfg: DictConfig) -> None:
         size_bytes=measured.size_bytes, trial_flops=int(selected.attrs["flops"]),
         trial_latency_ms=float(selected.attrs["latency_ms"]), flops_ratio=measured.flops / reference.flops,
         latency_ratio=measured.latency_ms / reference.latency_ms, parity_max_abs_diff=diff,
-        deployed_max_abs_diff=deployed_diff)
+        deployed_max_abs_diff=deployed_diff, agreement=None if guard is None else guard.agreement,
+        false_boxes=None if guard is None else guard.false_boxes)
     if report.flops != report.trial_flops:  # same plan, same input size: anything else is a bug in the replay
         raise AssertionError(f"exported model has {report.flops} FLOPs, trial {selected.number} had "
                              f"{report.trial_flops}")
@@ -290,7 +298,9 @@ def main(cfg: DictConfig) -> None:
     version = _log_to_mlflow(tracker, cfg, selected, target, report) if selected.run_id else None
 
     print(f"trial {selected.number}: hmean {report.trial_hmean:.4f} in the study, {report.hmean:.4f} exported "
-          f"(+{settings.steps} recovery steps); FLOPs {report.flops:,} ({report.flops_ratio:.3f}x), latency "
+          f"(+{settings.steps} recovery steps)"
+          + ("" if guard is None else f", teacher agreement {guard.agreement:.4f}, {guard.false_boxes:.2f} false boxes "
+             "per text-free image") + f"; FLOPs {report.flops:,} ({report.flops_ratio:.3f}x), latency "
           f"{report.latency_ms:.2f} ms (study {report.trial_latency_ms:.2f} ms); parity max |diff| {diff:.2g} "
           f"({deployed_diff:.2g} with the deployment's oneDNN kernels)"
           + (f"; registered {cfg.export.register.name} v{version} @{cfg.export.register.alias}" if version else ""))

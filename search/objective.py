@@ -5,21 +5,27 @@
 3. Optional cheap screening: BatchNorm statistics re-estimated on a few train batches (adaptive BN, kept for
    fine-tuning) and hmean on the first eval images; a candidate that an already screened one beats by `margin` at
    no higher cost skips fine-tuning (it is "screened out").
-4. Brief recovery fine-tune (`train.recovery`, distillation from the unpruned model), then hmean / precision /
-   recall on the eval split. A plan that cuts nothing is not fine-tuned: a student equal to its teacher has
-   nothing to recover, so the unpruned baseline is the pretrained model as the user brought it (not
-   BN-recalibrated either), and the search's budget goes to pruned candidates.
+4. Brief recovery fine-tune (`train.recovery`, distillation from the unpruned model on labelled train crops mixed
+   with the unlabelled pool), then hmean / precision / recall on the eval split and the generalization guard
+   (`train.agreement`: teacher agreement and false boxes per text-free image on the held-out unlabelled pool).
+   A plan that cuts nothing is not fine-tuned: a student equal to its teacher has nothing to recover, so the
+   unpruned baseline is the pretrained model as the user brought it (not BN-recalibrated either; it agrees with
+   itself by definition), and the search's budget goes to pruned candidates.
 Metrics reach a `MetricSink` as soon as they exist, so a trial that fails late still shows what it measured.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
+import numpy as np
 import paddle
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from prune.distill import neck_feature_channels
 from prune.groups import ChannelGroup, discover_groups
@@ -27,12 +33,14 @@ from prune.measure import Measurement, measure
 from prune.plan import PruningPlan, apply_plan, make_plan
 from search.pareto import dominated_with_margin
 from search.space import cut_counts
+from train.agreement import AgreementScores, agreement_scores
 from train.data.dataset import DetDataset, endless_batches
 from train.data.source import build_dataset, resolve_data
-from train.evaluation import evaluate_detector
+from train.data.unlabeled import resolve_unlabeled, unlabeled_eval_set
+from train.evaluation import Boxes, detect, evaluate_detector
 from train.metric import DetScores
 from train.postprocess import DBPostProcess
-from train.recovery import RecoverySettings, recalibrate_bn, recover, recovery_dataset
+from train.recovery import RecoverySettings, pool_dataset, recalibrate_bn, recover, recovery_dataset
 from train.trainer import FinetuneResult, save_weights
 from train.weights import load_detector
 
@@ -53,13 +61,63 @@ class TrialData:
     train_set: DetDataset
     eval_set: DetDataset
     postprocess: DBPostProcess
+    unlabeled: list[Path] | None = None       # recovery's unlabelled pool (data.unlabeled)
+    guard_set: DetDataset | None = None       # the generalization guard's images (data.unlabeled_eval)
 
 
 def load_trial_data(cfg: DictConfig) -> TrialData:
     source = resolve_data(cfg.data, progress=cfg.progress)
+    pools = resolve_unlabeled(cfg.data, progress=cfg.progress)
+    guard = (None if pools.guard is None
+             else unlabeled_eval_set(pools.guard, cfg.data.eval.limit_side_len, cfg.data.eval.limit_type))
     return TrialData(train_set=build_dataset(cfg.data, source, "train", seed=cfg.seed),
                      eval_set=build_dataset(cfg.data, source, "eval"),
-                     postprocess=DBPostProcess(**cfg.postprocess))
+                     postprocess=DBPostProcess(**cfg.postprocess), unlabeled=pools.recovery, guard_set=guard)
+
+
+GUARD_TEACHER_FILE = "guard_teacher.json"
+
+
+def guard_teacher_boxes(cfg: DictConfig, teacher: paddle.nn.Layer, data: TrialData) -> list[Boxes]:
+    """The unpruned teacher's boxes on the guard's images: the guard's ground truth, computed once per study and
+    cached in its folder.
+
+    Keyed by the settings that decide them (model, data, post-processing), so a cache from other settings is
+    recomputed rather than trusted; written atomically, so workers computing it at once cannot tear it.
+    """
+    key = hashlib.sha256(json.dumps([OmegaConf.to_container(cfg[k], resolve=True) for k in
+                                     ("model", "data", "postprocess")], sort_keys=True).encode()).hexdigest()[:16]
+    assert data.guard_set is not None
+    path = Path(cfg.out_dir) / GUARD_TEACHER_FILE
+    try:
+        cached = json.loads(path.read_text())
+        if cached["key"] == key and len(cached["boxes"]) == len(data.guard_set):
+            return [[np.asarray(box, dtype=np.float64) for box in image] for image in cached["boxes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    boxes = detect(teacher, data.guard_set, data.postprocess, progress=cfg.progress, desc="guard (teacher)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "boxes": [[b.tolist() for b in image] for image in boxes]}))
+    tmp.replace(path)
+    return boxes
+
+
+def recovery_pool(data: TrialData, settings: RecoverySettings) -> DetDataset | None:
+    """Recovery's unlabelled crops (`train.recovery.pool_dataset`), None without a pool."""
+    if data.unlabeled is None or not settings.unlabeled_per_batch():
+        return None
+    return pool_dataset(data.unlabeled, settings)
+
+
+def guard_candidate(cfg: DictConfig, student: paddle.nn.Layer, teacher: paddle.nn.Layer,
+                    data: TrialData) -> AgreementScores | None:
+    """The generalization guard of a recovered student (None without `data.unlabeled_eval`)."""
+    if data.guard_set is None:
+        return None
+    reference = guard_teacher_boxes(cfg, teacher, data)
+    return agreement_scores(detect(student, data.guard_set, data.postprocess, progress=cfg.progress, desc="guard"),
+                            reference)
 
 
 def measure_model(model: paddle.nn.Layer, cfg: DictConfig) -> Measurement:
@@ -69,13 +127,14 @@ def measure_model(model: paddle.nn.Layer, cfg: DictConfig) -> Measurement:
 
 def recover_candidate(student: paddle.nn.Layer, teacher: paddle.nn.Layer, plan: PruningPlan,
                       groups: list[ChannelGroup], train_set: DetDataset, settings: RecoverySettings,
-                      progress: bool = True) -> FinetuneResult:
+                      progress: bool = True, pool: DetDataset | None = None) -> FinetuneResult:
     """Fine-tune a pruned candidate in place (`train.recovery`), with feature distillation at the neck channels the
-    plan kept. The one recovery entry point of the search (trials, and a longer run before export)."""
+    plan kept, on labelled crops of `train_set` mixed with crops of the unlabelled `pool` (`recovery_pool`). The one
+    recovery entry point of the search (trials, and a longer run before export)."""
     channels = None
     if settings.feature_weight:
         channels = neck_feature_channels(plan, groups, teacher.head.binarize.conv1.weight.shape[1])
-    return recover(student, teacher, train_set, settings, feature_channels=channels, progress=progress)
+    return recover(student, teacher, train_set, settings, feature_channels=channels, progress=progress, pool=pool)
 
 
 def screen_candidate(model: paddle.nn.Layer, data: TrialData, settings: RecoverySettings, bn_batches: int,
@@ -101,6 +160,7 @@ class TrialResult:
     screened_out: bool = False
     finetune: FinetuneResult | None = None
     scores: DetScores | None = None
+    guard: AgreementScores | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -124,6 +184,8 @@ class TrialResult:
             if scores is not None:
                 out.update({f"{prefix}hmean": scores.hmean, f"{prefix}precision": scores.precision,
                             f"{prefix}recall": scores.recall})
+        if self.guard is not None:
+            out.update(self.guard.metrics())
         if self.finetune is not None and self.finetune.losses:
             out["finetune_final_loss"] = self.finetune.losses[-1]
         out.update({f"seconds_{k}": v for k, v in self.seconds.items()})
@@ -171,10 +233,12 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
             result.seconds["total"] = time.perf_counter() - started
             return result
 
+    teacher = None
     if cut_counts(plan):
         tic = time.perf_counter()
         teacher = load_detector(cfg.model.name, cfg.model.checkpoint)
-        result.finetune = recover_candidate(model, teacher, plan, groups, data.train_set, settings, cfg.progress)
+        result.finetune = recover_candidate(model, teacher, plan, groups, data.train_set, settings, cfg.progress,
+                                            pool=recovery_pool(data, settings))
         result.seconds["finetune"] = time.perf_counter() - tic
         sink.log_series("finetune_loss", result.finetune.losses)
 
@@ -182,6 +246,13 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
     result.scores = evaluate_detector(model, data.eval_set, data.postprocess, cfg.data.eval.max_images,
                                       progress=cfg.progress)
     result.seconds["evaluate"] = time.perf_counter() - tic
+    if teacher is not None:
+        tic = time.perf_counter()
+        result.guard = guard_candidate(cfg, model, teacher, data)
+        result.seconds["guard"] = time.perf_counter() - tic
+    elif data.guard_set is not None:  # nothing cut: the student is its teacher, and agrees with it by definition
+        result.guard = AgreementScores(agreement=1.0, precision=1.0, recall=1.0, false_boxes=0.0,
+                                       images=len(data.guard_set), text_free=0)
     save_weights(model, out_dir / WEIGHTS_FILE)
     result.seconds["total"] = time.perf_counter() - started
     return result

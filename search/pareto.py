@@ -35,6 +35,8 @@ class TrialRecord:
     baseline: str = ""          # "seed_rule", "unpruned" or ""
     target_reduction: float | None = None
     feasible: bool = True
+    agreement: float = math.nan     # generalization guard: hmean against the teacher's boxes on held-out images
+    false_boxes: float = math.nan   # generalization guard: boxes per image where the teacher finds no text
 
     @property
     def flops_reduction(self) -> float:
@@ -113,8 +115,8 @@ def dominated_with_margin(hmean: float, cost: float, others: Sequence[tuple[floa
     return any(other_cost <= cost and other_hmean >= hmean + margin for other_hmean, other_cost in others)
 
 
-_COLUMNS = ("trial", "hmean", "precision", "recall", "flops_ratio", "flops_reduction", "latency_ratio", "speedup",
-            "params", "baseline", "target_reduction", "feasible", "run_id")
+_COLUMNS = ("trial", "hmean", "precision", "recall", "agreement", "false_boxes", "flops_ratio", "flops_reduction",
+            "latency_ratio", "speedup", "params", "baseline", "target_reduction", "feasible", "run_id")
 
 
 def _row(record: TrialRecord) -> list[str]:
@@ -139,12 +141,13 @@ def write_csv(records: Sequence[TrialRecord], path: Path) -> Path:
 
 def format_front(front: Sequence[TrialRecord], chosen: int | None) -> str:
     """The Pareto table as aligned text, fewest FLOPs first."""
-    lines = [f"{'trial':>5}  {'hmean':>6}  {'FLOPs red.':>10}  {'speed-up':>8}  {'baseline':<18}  mlflow run"]
+    lines = [f"{'trial':>5}  {'hmean':>6}  {'agree':>6}  {'false/img':>9}  {'FLOPs red.':>10}  {'speed-up':>8}  "
+             f"{'baseline':<18}  mlflow run"]
     for r in sorted(front, key=lambda r: r.flops_ratio):
         base = r.baseline + (f" {r.target_reduction:.0%}" if r.target_reduction is not None else "")
         mark = "  <- chosen" if r.number == chosen else ""
-        lines.append(f"{r.number:>5}  {r.hmean:>6.4f}  {r.flops_reduction:>10.1%}  {r.speedup:>7.2f}x  "
-                     f"{base:<18}  {r.run_id}{mark}")
+        lines.append(f"{r.number:>5}  {r.hmean:>6.4f}  {r.agreement:>6.4f}  {r.false_boxes:>9.2f}  "
+                     f"{r.flops_reduction:>10.1%}  {r.speedup:>7.2f}x  {base:<18}  {r.run_id}{mark}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from prune.sensitivity.report import plot_curves, write_csv
 from search.app import TrialFailed, TrialOutcome, tracker_for
 from search.heartbeat import Heartbeat, Liveness, worker_id
 from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, objectives,
-                           task_config)
+                           study_constraints, task_config)
 from search.objective import load_trial_data
 from search.pareto import Selection, format_front, pareto_front, plot_front, select
 from search.pareto import write_csv as write_records
@@ -42,6 +42,7 @@ from search.tracking import RunLogger
 from train.cli import print_result_line
 from train.errors import ConfigError, UserError
 from train.models.zoo import build_detector
+from train.recovery import RecoverySettings
 from train.runtime import set_device
 from train.weights import load_detector
 
@@ -59,7 +60,7 @@ def make_sampler(cfg: DictConfig, offset: int) -> optuna.samplers.BaseSampler:
     kwargs = {}
     if cfg.search.sampler.get("seed") is not None:
         kwargs["seed"] = int(cfg.search.sampler.seed) + offset
-    func = constraints_func(OmegaConf.to_container(cfg.search.constraints))
+    func = constraints_func(study_constraints(cfg))
     if func is not None:
         kwargs["constraints_func"] = func
     try:
@@ -168,6 +169,7 @@ class StudyRunner:
         cfg = self.cfg
         check_always_skip(list(cfg.search.space.always_skip), discover_groups(build_detector(cfg.model.name)),
                           cfg.model.name)
+        RecoverySettings(**cfg.finetune)
         load_detector(cfg.model.name, cfg.model.checkpoint)
         load_trial_data(cfg)
 
@@ -389,7 +391,7 @@ class StudyRunner:
     # -- 4: summary ------------------------------------------------------------------------------------------
     def finish(self) -> Selection:
         cfg = self.cfg
-        records = trial_records(self.study, OmegaConf.to_container(cfg.search.constraints))
+        records = trial_records(self.study, study_constraints(cfg))
         if not records:
             self.parent.end("FAILED")
             raise UserError(f"study {self.name!r} has no complete trial; see the trials' {TRIAL_FAIL_REASON} in "
@@ -397,8 +399,8 @@ class StudyRunner:
         front = pareto_front(records, self.objectives)
         if not front:
             self.parent.end("FAILED")
-            raise ConfigError(f"no complete trial of study {self.name!r} meets search.constraints="
-                              f"{OmegaConf.to_container(cfg.search.constraints)}")
+            raise ConfigError(f"no complete trial of study {self.name!r} meets search.constraints and "
+                              f"search.select.min_agreement: {study_constraints(cfg)}")
         chosen = select(front, self.objectives, cfg.search.select.max_flops_ratio, cfg.search.select.max_latency_ratio)
         self._tag_runs({r.number for r in front}, chosen.record.number)
         self.study.set_user_attr(STUDY_CHOSEN, chosen.record.number)

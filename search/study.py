@@ -13,6 +13,7 @@ runs, and any worker fails another's trial whose heartbeat stopped, so a killed 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,8 @@ def constraint_values(attrs: Mapping[str, Any], constraints: Mapping[str, float 
         values.append(float(attrs["latency_ratio"]) - constraints["max_latency_ratio"])
     if constraints.get("min_hmean") is not None:
         values.append(constraints["min_hmean"] - float(hmean))
+    if constraints.get("min_agreement") is not None:  # not measured (screened out, failed): not shown to generalize
+        values.append(constraints["min_agreement"] - float(attrs.get("agreement", 0.0)))
     return values
 
 
@@ -313,6 +316,7 @@ def trial_records(study: optuna.Study, constraints: Mapping[str, float | None]) 
             number=t.number, hmean=float(a["hmean"]), precision=float(a["precision"]), recall=float(a["recall"]),
             flops_ratio=float(a["flops_ratio"]), latency_ratio=float(a["latency_ratio"]), params=int(a["params"]),
             run_id=str(a.get(TRIAL_RUN_ID, "")), baseline=a.get(TRIAL_BASELINE, ""),
-            target_reduction=a.get(TRIAL_TARGET),
+            target_reduction=a.get(TRIAL_TARGET), agreement=float(a.get("agreement", math.nan)),
+            false_boxes=float(a.get("false_boxes", math.nan)),
             feasible=all(v <= 0 for v in constraint_values(a, constraints))))
     return records

@@ -23,6 +23,15 @@ TINY_SYNTHETIC = [
     "data.generator.font_size_range=[20,32]",
 ]
 
+# The built-in unlabelled pool, as tiny: recovery's and the guard's images (data.pool is every data config's).
+TINY_POOL = [
+    "data.pool.n_recovery=6",
+    "data.pool.n_guard=3",
+    "data.pool.width_range=[160,192]",
+    "data.pool.height_range=[160,192]",
+    "data.pool.font_size_range=[16,48]",
+]
+
 
 @pytest.fixture
 def cache_env(tmp_path: Path) -> dict[str, str]:
@@ -44,6 +53,7 @@ STUDY = "tiny"
 N_TRIALS = 5
 TINY_SEARCH = [
     *TINY_SYNTHETIC,
+    *TINY_POOL,
     "sensitivity.images=1", "sensitivity.ratios=[0.3,0.6]", "sensitivity.limit_side_len=96",
     "finetune.steps=2", "finetune.batch_size=2", "finetune.crop_size=64", "finetune.warmup_steps=0",
     "prune.input_size=[64,64]", "measure.runs=1", "measure.warmup=0",

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY_SYNTHETIC, run_cli
 
 EVAL_LINE = re.compile(r"^hmean=(\d+\.\d+) precision=(\d+\.\d+) recall=(\d+\.\d+) images=(\d+)$")
@@ -23,6 +25,20 @@ def test_evaluate_pretrained_on_tiny_synthetic(tmp_path: Path, cache_env):
     # The released detector finds clean rendered lines; a broken pipeline (normalisation, resize, box scaling)
     # scores near 0 here.
     assert float(hmean) >= 0.5
+
+
+SHIFTED_V1 = Path(__file__).resolve().parents[2] / "shared" / "eval" / "shifted_v1"
+
+
+@pytest.mark.skipif(not (SHIFTED_V1 / "label.txt").is_file(), reason="../shared/eval/shifted_v1 is not beside the clone")
+def test_evaluate_on_the_out_of_distribution_check_set(tmp_path: Path, cache_env):
+    """`data=shifted_v1` reads ../shared/eval/shifted_v1 from the repository root, at PaddleOCR's eval resize."""
+    proc = run_cli("train.evaluate", ["data=shifted_v1", "data.eval.max_images=4", "progress=false",
+                                      f"hydra.run.dir={tmp_path / 'run'}"], cache_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    match = EVAL_LINE.match(_last_line(proc.stdout))
+    assert match and int(match.group(4)) == 4, proc.stdout
+    assert float(match.group(1)) >= 0.5  # the pretrained model: 0.893 on all 80 images
 
 
 def test_finetune_writes_checkpoint_that_evaluate_loads(tmp_path: Path, cache_env):

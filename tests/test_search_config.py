@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 
 import train.data.source  # noqa: F401  (registers the data.generator schema the data configs use)
 from conftest import REPO
-from search.config import check_same_settings, check_search_config, frozen_settings, objectives
+from search.config import check_same_settings, check_search_config, frozen_settings, objectives, study_constraints
 from train.errors import ConfigError
 
 
@@ -33,10 +33,18 @@ def test_default_config_composes_and_passes():
     ("search.screening.margin=-0.1", "search.screening.margin=-0.1"),
     ("search.constraints.max_flops_ratio=0", "max_flops_ratio=0"),
     ("prune.align=0", "prune.align=0"),
+    ("search.select.min_agreement=1.5", "search.select.min_agreement=1.5"),
+    ("data.unlabeled_eval=null", "min_agreement needs the guard's images"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         check_search_config(_compose(override))
+
+
+def test_the_guard_threshold_is_a_constraint_of_the_study():
+    assert study_constraints(_compose())["min_agreement"] == 0.8
+    assert study_constraints(_compose("search.select.min_agreement=null"))["min_agreement"] is None
+    check_search_config(_compose("search.select.min_agreement=null", "data.unlabeled_eval=null"))
 
 
 def test_frozen_settings_cover_what_makes_trials_comparable(monkeypatch):

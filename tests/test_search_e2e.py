@@ -6,6 +6,7 @@ Optuna storage and the MLflow store.
 """
 from __future__ import annotations
 
+import csv
 import re
 
 import optuna
@@ -139,3 +140,27 @@ def test_single_run_replays_a_trial_plan(study_run):
     assert float(match.group(2)) == pytest.approx(trial.user_attrs["flops_ratio"], abs=1e-6)
     run = client.get_run(match.group(4))
     assert run.data.tags["single"] == "true" and "mlflow.parentRunId" not in run.data.tags
+
+
+def test_the_generalization_guard_scores_every_recovered_trial_and_gates_the_front(study_run):
+    _, out, _, study, client = study_run
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    for t in complete:
+        assert 0.0 <= t.user_attrs["agreement"] <= 1.0 and t.user_attrs["false_boxes"] >= 0.0
+    assert complete[0].number == 0 and complete[0].user_attrs["agreement"] == 1.0  # the teacher agrees with itself
+    assert (out / "guard_teacher.json").is_file()
+    _, children = _runs(client)
+    for run in children:
+        if run.data.tags["screened_out"] == "false":
+            assert {"agreement", "agreement_precision", "agreement_recall", "false_boxes"} <= set(run.data.metrics)
+    with (out / "trials.csv").open() as handle:
+        rows = {int(r["trial"]): r for r in csv.DictReader(handle)}
+    with (out / "pareto.csv").open() as handle:
+        front = {int(r["trial"]) for r in csv.DictReader(handle)}
+    for t in complete:  # search.select.min_agreement = 0.8 by default: below it a trial is infeasible, off the front
+        feasible = t.user_attrs["agreement"] >= 0.8
+        assert rows[t.number]["feasible"] == str(feasible)
+        assert float(rows[t.number]["agreement"]) == pytest.approx(t.user_attrs["agreement"], abs=1e-6)
+        if not feasible:
+            assert t.number not in front
+    assert front <= {t.number for t in complete if t.user_attrs["agreement"] >= 0.8}

@@ -11,6 +11,8 @@ from train.data.dataset import DetDataset
 from train.metric import DetMetric, DetScores
 from train.postprocess import DBPostProcess
 
+Boxes = list[np.ndarray]
+
 
 def predict_maps(model: paddle.nn.Layer, image_chw: np.ndarray) -> np.ndarray:
     """The probability map [1, H, W] of one normalised CHW image (eval mode, no gradients)."""
@@ -41,3 +43,17 @@ def evaluate_detector(
         regions = dataset.ground_truth(index)
         metric.update(list(boxes.points), [r.points for r in regions], [r.ignore for r in regions])
     return metric.compute()
+
+
+def detect(model: paddle.nn.Layer, dataset: DetDataset, postprocess: DBPostProcess, progress: bool = False,
+           desc: str = "detect") -> list[Boxes]:
+    """The post-processed boxes (source-image coordinates) of ``model`` on every image of an eval-mode dataset."""
+    if dataset.mode != "eval":
+        raise ValueError("detect needs an eval-mode dataset (resize-for-test transform)")
+    model.eval()
+    out = []
+    for index in tqdm(range(len(dataset)), desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
+        sample = dataset[index]
+        boxes = postprocess(predict_maps(model, sample["image"]), sample["shape"][None])[0]
+        out.append([np.asarray(p, dtype=np.float64) for p in boxes.points])
+    return out

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,3 +28,37 @@ def host_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def build_folder(root: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None],
+                 check_replaceable: Callable[[Path], None] | None = None) -> Path:
+    """``root`` as ``build`` makes it, unless ``is_complete(root)`` already holds: built in a sibling temp folder and
+    swapped in by rename, so an interrupted build never leaves a partial folder that looks complete.
+
+    Workers started together would each build it and swap their copy in under the others' feet: one builds, the
+    rest wait on a lock on the parent folder itself (no lock file) and find it complete. ``check_replaceable``
+    may refuse to replace what is at ``root`` (it raises).
+    """
+    root = Path(root)
+    if is_complete(root):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with host_lock(root.parent):
+        if is_complete(root):
+            return root
+        if check_replaceable is not None:
+            check_replaceable(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            build(tmp)
+            if root.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+                root.rename(old / root.name)
+                tmp.rename(root)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(root)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return root

@@ -14,8 +14,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import paddle
 
-from train.data.dataset import DetDataset, endless_batches
+from train.data.dataset import DetDataset, endless_batches, mixed_batches
 from train.data.transforms import build_train_transform
+from train.data.unlabeled import unlabeled_train_set
 from train.errors import ConfigError
 from train.loss import DBLoss
 from train.models.db_head import Head
@@ -50,14 +51,17 @@ class RecoverySettings:
     branch starts ("keep", "copy" of the binarize branch, "fresh"). ``training_form``: fine-tune PPLCNetV3 with a
     BN per fused conv (``train.models.training_form``), fused back at the end. ``bn_mode``: "frozen" keeps every
     BN on its running statistics (only their affine trains), "train" uses batch statistics.
-    ``calibration_batches``: train batches the training form's BN statistics are measured on. ``seed`` seeds the crops' augmentation (the shuffle follows the global generators).
+    ``calibration_batches``: train batches the training form's BN statistics are measured on.
+    ``unlabeled_share``: the fraction of every batch taken from the unlabelled pool when one is given (distillation
+    only: the teacher's near-zero map on text-free images is what stops the student firing there). ``seed`` seeds
+    the crops' augmentation (the shuffle follows the global generators).
     """
 
     steps: int = 120
     lr: float = 3e-3
     warmup_steps: int = 10
-    batch_size: int = 4
-    crop_size: int = 256
+    batch_size: int = 2
+    crop_size: int = 384
     augment: bool = True
     map_weight: float = 1.0
     map_loss: str = "kl"
@@ -67,6 +71,7 @@ class RecoverySettings:
     training_form: bool = False
     bn_mode: str = "frozen"
     calibration_batches: int = 4
+    unlabeled_share: float = 0.5
     weight_decay: float = 0.0
     grad_clip_norm: float | None = 10.0
     log_every: int = 10
@@ -90,6 +95,17 @@ class RecoverySettings:
             raise ConfigError(f"finetune.batch_size={self.batch_size}: must be >= 1")
         if self.crop_size < 32 or self.crop_size % 32:
             raise ConfigError(f"finetune.crop_size={self.crop_size}: must be a positive multiple of 32")
+        if not 0.0 <= self.unlabeled_share < 1.0:
+            raise ConfigError(f"finetune.unlabeled_share={self.unlabeled_share}: must be in [0, 1) (the rest of "
+                              "each batch is labelled crops)")
+        if self.steps < 1:
+            raise ConfigError(f"finetune.steps={self.steps}: must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"finetune.lr={self.lr}: must be > 0")
+
+    def unlabeled_per_batch(self) -> int:
+        """Unlabelled crops in each batch of ``batch_size`` (at least one labelled crop stays)."""
+        return min(self.batch_size - 1, int(round(self.batch_size * self.unlabeled_share)))
 
     def trainer_settings(self) -> FinetuneSettings:
         return FinetuneSettings(steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps,
@@ -246,10 +262,12 @@ def recover(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     checkpoint_prefix: Path | None = None,
+    pool: DetDataset | None = None,
 ) -> FinetuneResult:
     """Fine-tune the pruned ``student`` in place towards the unpruned ``teacher``; returns the loop's result.
 
-    ``train_set``: the train split (its crop size is replaced by ``settings.crop_size``). ``feature_channels``:
+    ``train_set``: the train split (its crop size is replaced by ``settings.crop_size``). ``pool``: crops of an
+    unlabelled pool (``pool_dataset``); ``settings.unlabeled_share`` of every batch come from it. ``feature_channels``:
     for each neck output channel of the student, the teacher channel it was cut from (the kept indices of the
     concat-fed neck convs, in order); needed for feature distillation when the neck output was pruned. The
     student ends in eval mode, in the form it came in (deploy form stays deploy form).
@@ -267,7 +285,7 @@ def recover(
     loss = DistillationLoss(student, teacher, map_weight=settings.map_weight, map_loss=settings.map_loss,
                             feature_weight=settings.feature_weight, feature_channels=feature_channels,
                             label_weight=settings.label_weight)
-    batches: Iterator[Batch] = endless_batches(dataset, settings.batch_size, settings.num_workers)
+    batches: Iterator[Batch] = recovery_batches(dataset, settings, pool)
     try:
         result = finetune(student, batches, loss, settings.trainer_settings(), checkpoint_prefix=checkpoint_prefix,
                           on_step=on_step, progress=progress)
@@ -277,6 +295,20 @@ def recover(
     if unfused:
         result.final_terms[FUSED_DIFF] = _fuse_checked(student, probe[0])
     return result
+
+
+def pool_dataset(images: Sequence[Path], settings: RecoverySettings) -> DetDataset:
+    """Recovery crops of unlabelled ``images``: empty DB targets, so only distillation learns from them."""
+    return unlabeled_train_set(list(images), settings.crop_size, settings.augment, seed=settings.seed)
+
+
+def recovery_batches(dataset: DetDataset, settings: RecoverySettings,
+                     pool: DetDataset | None = None) -> Iterator[Batch]:
+    """Recovery's batches: labelled crops of ``dataset`` mixed with crops of the unlabelled ``pool``."""
+    extra = settings.unlabeled_per_batch() if pool is not None else 0
+    if not extra:
+        return endless_batches(dataset, settings.batch_size, settings.num_workers)
+    return mixed_batches([(dataset, settings.batch_size - extra), (pool, extra)], settings.num_workers)
 
 
 def _calibration_images(dataset: DetDataset, settings: RecoverySettings) -> list[paddle.Tensor]:

@@ -138,6 +138,19 @@ def endless_batches(
                    for key, value in batch.items()}
 
 
+def mixed_batches(
+    parts: Sequence[tuple[DetDataset, int]], num_workers: int = 0
+) -> Iterator[dict[str, paddle.Tensor]]:
+    """Batches that take ``n`` samples from each ``(dataset, n)`` part (parts with n = 0 are left out), joined
+    along the batch axis: every batch has the same mix, so no step sees only one kind of image."""
+    streams = [endless_batches(dataset, n, num_workers) for dataset, n in parts if n > 0]
+    if not streams:
+        raise ConfigError("mixed_batches: every part has 0 samples per batch")
+    while True:
+        pieces = [next(stream) for stream in streams]
+        yield pieces[0] if len(pieces) == 1 else {key: paddle.concat([p[key] for p in pieces]) for key in pieces[0]}
+
+
 def build_split(
     root: str | Path,
     label_file: str | Path | Sequence[str | Path],

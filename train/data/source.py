@@ -8,25 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from train.data.dataset import DetDataset, build_split
 from train.data.synthetic import SyntheticSpec, ensure_synthetic_dataset, label_path, shifted_eval_spec
+from train.data.unlabeled import UnlabeledPools, resolve_unlabeled  # noqa: F401  (registers the data.pool schema)
 from train.errors import ConfigError, DataError
+from train.schema import register_config_schema
 
 
-def _register_generator_schema() -> None:
-    """Make `data.generator` in conf/data/synthetic.yaml the SyntheticSpec schema: Hydra then validates overrides
-    (unknown field, wrong type) against the dataclass before any work starts. The spec is frozen (it is a cache
-    key), its config node must not be."""
-    node = OmegaConf.structured(SyntheticSpec)
-    OmegaConf.set_readonly(node, False)
-    ConfigStore.instance().store(group="data/generator", name="synthetic", node=node)
-
-
-_register_generator_schema()
+# `data.generator` in conf/data/synthetic.yaml is the SyntheticSpec schema: Hydra validates its overrides (unknown
+# field, wrong type) before any work starts.
+register_config_schema(SyntheticSpec, group="data/generator", name="synthetic")
 
 
 @dataclass(frozen=True)

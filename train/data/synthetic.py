@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import cv2
 import matplotlib
@@ -34,8 +30,8 @@ from shapely.geometry import Polygon
 from tqdm import tqdm
 
 from train.errors import ConfigError, DataError
-from train.locks import host_lock
-from train.schema import checked_fields
+from train.locks import build_folder
+from train.schema import GeneratorSpec
 
 SCHEMA_VERSION = 1
 # Part of the cache hash: bump it whenever a change here alters the rendered pixels or labels, so datasets
@@ -72,7 +68,7 @@ doctor nurse health energy power battery charge signal volume limit speed distan
 
 
 @dataclass(frozen=True)
-class SyntheticSpec:
+class SyntheticSpec(GeneratorSpec):
     """Everything that determines a synthetic dataset; equal specs give byte-identical datasets.
 
     Ranges are inclusive ``(low, high)`` pairs. Font entries are glob patterns, relative to matplotlib's
@@ -111,6 +107,8 @@ class SyntheticSpec:
     max_blur_sigma: float = 1.5
     max_noise_sigma: float = 8.0
     jpeg_quality_range: tuple[int, int] = (75, 95)
+    _schema_version = SCHEMA_VERSION
+    _generator_version = GENERATOR_VERSION
 
     def __post_init__(self) -> None:
         for name in ("width_range", "height_range", "lines_range", "words_range", "font_size_range",
@@ -146,25 +144,6 @@ class SyntheticSpec:
         if self.jpeg_quality_range[1] > 100:
             raise ConfigError(f"SyntheticSpec.jpeg_quality_range={list(self.jpeg_quality_range)}: max 100")
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists) with the schema version."""
-        return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SyntheticSpec:
-        """Inverse of ``to_json``; unknown keys, bad values or another schema version raise ConfigError."""
-        data = checked_fields(cls, data, SCHEMA_VERSION)
-        try:
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"SyntheticSpec: bad value in {data}: {exc}") from exc
-
-    def hash(self) -> str:
-        """Stable content hash (spec fields + generator version), used as the cache key."""
-        payload = json.dumps({"generator_version": GENERATOR_VERSION, "spec": self.to_json()},
-                             sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
     def count(self, split: str) -> int:
         return self.n_train if split == "train" else self.n_eval
 
@@ -197,30 +176,8 @@ def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec, progress: bool = T
     leaves a partial dataset that looks complete. A non-empty ``root`` holding anything besides this module's
     files is refused rather than overwritten.
     """
-    root = Path(root)
-    if _is_complete(root, spec):
-        return root
-    # Workers of one study started together would each render it and swap their copy in under the others' feet:
-    # one renders, the rest wait and find it complete. The lock is on the cache folder itself: no lock file.
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with host_lock(root.parent):
-        if _is_complete(root, spec):
-            return root
-        _check_replaceable(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
-            _generate(tmp, spec, progress)
-            if root.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-                root.rename(old / root.name)
-                tmp.rename(root)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(root)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-    return root
+    return build_folder(root, lambda r: _is_complete(r, spec), lambda tmp: _generate(tmp, spec, progress),
+                        _check_replaceable)
 
 
 def _is_complete(root: Path, spec: SyntheticSpec) -> bool:
@@ -295,10 +252,18 @@ _GLYPH_NAMES = {
 
 def resolve_fonts(patterns: tuple[str, ...]) -> tuple[str, ...]:
     """Font files matching ``patterns`` whose glyphs for the generated characters are the expected ones,
-    sorted for determinism."""
+    sorted for determinism. ``hershey:<n>`` names OpenCV's built-in stroke font ``n`` (``cv2.FONT_HERSHEY_*``,
+    optionally ``| cv2.FONT_ITALIC``): a font family that ships with OpenCV itself."""
     base = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
     found: set[str] = set()
     for pattern in patterns:
+        if pattern.startswith(HERSHEY_PREFIX):
+            face = pattern[len(HERSHEY_PREFIX):]
+            if not face.isdigit() or int(face) & ~cv2.FONT_ITALIC not in _HERSHEY_EM:
+                raise ConfigError(f"font {pattern!r}: expected hershey:<n>, n one of {sorted(_HERSHEY_EM)} "
+                                  f"(+ {cv2.FONT_ITALIC} for italic)")
+            found.add(pattern)
+            continue
         matches = glob.glob(pattern if os.path.isabs(pattern) else os.path.join(base, pattern))
         if not matches:
             raise ConfigError(f"font pattern {pattern!r} matches no file (looked in {base})")
@@ -319,6 +284,11 @@ def _has_text_glyphs(path: str) -> bool:
     charmap = font.get_charmap()
     return all(ord(c) in charmap and font.get_glyph_name(charmap[ord(c)]) == name
                for c, name in _GLYPH_NAMES.items())
+
+
+HERSHEY_PREFIX = "hershey:"
+# Pixel height of a capital at fontScale 1 per Hershey face, so a line's size means the same as a TTF's em.
+_HERSHEY_EM = {face: cv2.getTextSize("H", face, 1.0, 1)[0][1] / 0.72 for face in range(8)}
 
 
 @lru_cache(maxsize=256)
@@ -364,21 +334,36 @@ class _LineMask:
 
 def _render_line(rng: np.random.Generator, spec: SyntheticSpec, font_path: str, size: int,
                  max_width: float) -> _LineMask | None:
-    font = _font(font_path, size)
+    if font_path.startswith(HERSHEY_PREFIX):
+        face, font = int(font_path[len(HERSHEY_PREFIX):]), None
+        scale = size / _HERSHEY_EM[face & 15]
+        thickness = max(1, int(round(size / 14 * rng.uniform(0.6, 1.6))))
+
+        def length(text: str) -> float:
+            return cv2.getTextSize(text, face, scale, thickness)[0][0]
+    else:
+        font = _font(font_path, size)
+        length = font.getlength
     n_words = int(rng.integers(spec.words_range[0], spec.words_range[1], endpoint=True))
     text = ""
     for _ in range(n_words):
         candidate = (text + " " + _random_token(rng)).strip()
-        if font.getlength(candidate) > max_width:
+        if length(candidate) > max_width:
             break
         text = candidate
     if not text:
         return None
-    left, top, right, bottom = font.getbbox(text)
     pad = 2
-    canvas = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
-    ImageDraw.Draw(canvas).text((pad - left, pad - top), text, font=font, fill=255)
-    mask = np.asarray(canvas)
+    if font is None:
+        (w, h), baseline = cv2.getTextSize(text, face, scale, thickness)
+        canvas = np.zeros((h + baseline + 2 * pad + thickness, w + 2 * pad + thickness), np.uint8)
+        cv2.putText(canvas, text, (pad, pad + h), face, scale, 255, thickness, cv2.LINE_AA)
+        mask = canvas
+    else:
+        left, top, right, bottom = font.getbbox(text)
+        image = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
+        ImageDraw.Draw(image).text((pad - left, pad - top), text, font=font, fill=255)
+        mask = np.asarray(image)
     # Faint anti-aliasing fringes are not ink a labeller would box.
     ys, xs = np.nonzero(mask >= 64)
     if len(xs) == 0:
@@ -474,6 +459,14 @@ def render_image(rng: np.random.Generator, spec: SyntheticSpec, fonts: tuple[str
     width = int(rng.integers(spec.width_range[0], spec.width_range[1], endpoint=True))
     height = int(rng.integers(spec.height_range[0], spec.height_range[1], endpoint=True))
     image = make_background(rng, str(rng.choice(backgrounds)), height, width)
+    return draw_lines(rng, spec, fonts, image)
+
+
+def draw_lines(rng: np.random.Generator, spec: SyntheticSpec, fonts: tuple[str, ...],
+               image: np.ndarray) -> tuple[np.ndarray, list[RenderedLine]]:
+    """Place ``spec.lines_range`` lines (alone or in paragraphs) on the float RGB ``image`` (0..1, H x W x 3),
+    then degrade it as a camera would; returns the uint8 image and its lines."""
+    height, width = image.shape[:2]
     bg_lum = _luminance(image)
     page_to_image = _random_perspective(rng, width, height, spec.perspective)
     base_angle = float(np.clip(rng.normal(0, spec.max_rotation_deg / 2), -spec.max_rotation_deg,

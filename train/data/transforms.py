@@ -422,6 +422,60 @@ class DetResizeForTest:
         return limit / max(h, w)
 
 
+class RandomScaleCrop:
+    """A random window of an unlabelled image, resized to ``size`` x ``size``: the window's side is ``size / s`` with
+    ``s`` log-uniform in ``scale_range`` (s > 1 magnifies), clipped to the image; a window wider than the image is
+    filled black, as ``EastRandomCrop`` pads. Flipped left-right half the time.
+
+    ``EastRandomCrop`` picks its window around labelled text and keeps the whole image when there is none; an
+    unlabelled image has none, and still has to be seen at many scales and places.
+    """
+
+    def __init__(self, size: int, scale_range: tuple[float, float] = (0.5, 2.0)):
+        self.size = size
+        self.scale_range = scale_range
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        image = sample["image"]
+        h, w = image.shape[:2]
+        scale = float(np.exp(rng.uniform(np.log(self.scale_range[0]), np.log(self.scale_range[1]))))
+        side = max(1, int(round(self.size / scale)))
+        ch, cw = min(side, h), min(side, w)
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        out = np.zeros((self.size, self.size, image.shape[2]), image.dtype)
+        out_h, out_w = max(1, round(ch * self.size / side)), max(1, round(cw * self.size / side))
+        out[:out_h, :out_w] = cv2.resize(image[y:y + ch, x:x + cw], (out_w, out_h))
+        sample["image"] = out[:, ::-1].copy() if rng.random() < 0.5 else out
+        return sample
+
+
+class PhotometricJitter:
+    """Brightness, contrast and saturation jitter, sometimes grey or blurred: the camera variety an unlabelled
+    pool of a few hundred images does not have by itself."""
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        image = sample["image"].astype(np.float32)
+        grey = image.mean(axis=2, keepdims=True)
+        saturation = 0.0 if rng.random() < 0.15 else rng.uniform(0.6, 1.4)
+        image = grey + (image - grey) * saturation
+        mean = float(image.mean())
+        image = (image - mean) * rng.uniform(0.7, 1.3) + mean * rng.uniform(0.75, 1.25)
+        if rng.random() < 0.25:
+            image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.4, 1.5))
+        sample["image"] = np.clip(image, 0, 255).astype(np.uint8)
+        return sample
+
+
+class EmptyTargets:
+    """Zero DB maps *and masks*: the DB loss sees no pixel of the crop, so only distillation learns from it."""
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        shape = sample["image"].shape[:2]
+        for key in ("shrink_map", "shrink_mask", "threshold_map", "threshold_mask"):
+            sample[key] = np.zeros(shape, dtype=np.float32)
+        return sample
+
+
 def build_train_transform(crop_size: int = 640, augment: bool = True) -> Compose:
     """PaddleOCR's DB train pipeline after label decoding: augment, crop, border map, shrink map, normalise."""
     if crop_size < 32 or crop_size % 32:
@@ -441,3 +495,12 @@ def build_train_transform(crop_size: int = 640, augment: bool = True) -> Compose
 def build_eval_transform(limit_side_len: int = 960, limit_type: str = "max") -> Compose:
     """PaddleOCR's DB eval pipeline after label decoding: resize for test, normalise."""
     return Compose([DetResizeForTest(limit_side_len, limit_type), NormalizeImage(), ToCHW()])
+
+
+def build_unlabeled_transform(crop_size: int = 640, augment: bool = True) -> Compose:
+    """Crops of unlabelled images for distillation, batchable with the train split's: a random scaled window,
+    photometric jitter, empty DB targets (no pixel reaches the DB loss), normalise."""
+    if crop_size < 32 or crop_size % 32:
+        raise ConfigError(f"crop_size={crop_size} must be a positive multiple of 32 (the network's stride)")
+    return Compose([RandomScaleCrop(crop_size, (0.5, 2.0) if augment else (1.0, 1.0)),
+                    *([PhotometricJitter()] if augment else []), EmptyTargets(), NormalizeImage(), ToCHW()])
