@@ -186,8 +186,11 @@ def _check_export_config(cfg: DictConfig) -> None:
         raise ConfigError(f"export.finetune.steps={cfg.export.finetune.steps}: must be >= 0")
 
 
-def _recovery_settings(cfg: DictConfig) -> RecoverySettings:
+def _recovery_settings(cfg: DictConfig) -> RecoverySettings | None:
+    """The export's recovery: the study's recovery settings with the export's budget; None for no recovery."""
     settings = RecoverySettings(**cfg.finetune)
+    if not int(cfg.export.finetune.steps):
+        return None
     settings = replace(settings, steps=int(cfg.export.finetune.steps))
     if not cfg.export.finetune.distill:  # labels only: the DB loss, no teacher terms
         settings = replace(settings, map_weight=0.0, feature_weight=0.0, label_weight=settings.label_weight or 1.0)
@@ -269,7 +272,8 @@ def main(cfg: DictConfig) -> None:
 
     data = load_trial_data(cfg)
     teacher = load_detector(cfg.model.name, cfg.model.checkpoint)
-    if settings.steps:
+    steps = settings.steps if settings is not None else 0
+    if settings is not None:
         seed_everything(cfg.seed)
         recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings, cfg.progress,
                           pool=recovery_pool(data, settings))
@@ -283,7 +287,7 @@ def main(cfg: DictConfig) -> None:
 
     reference = Measurement.from_json(study.user_attrs[STUDY_REFERENCE])  # what the trial's ratios are relative to
     report = ExportReport(
-        trial=selected.number, run_id=selected.run_id, format=str(cfg.export.format), finetune_steps=settings.steps,
+        trial=selected.number, run_id=selected.run_id, format=str(cfg.export.format), finetune_steps=steps,
         trial_hmean=float(selected.attrs["hmean"]), hmean=scores.hmean, precision=scores.precision,
         recall=scores.recall, flops=measured.flops, params=measured.params, latency_ms=measured.latency_ms,
         size_bytes=measured.size_bytes, trial_flops=int(selected.attrs["flops"]),
@@ -298,7 +302,7 @@ def main(cfg: DictConfig) -> None:
     version = _log_to_mlflow(tracker, cfg, selected, target, report) if selected.run_id else None
 
     print(f"trial {selected.number}: hmean {report.trial_hmean:.4f} in the study, {report.hmean:.4f} exported "
-          f"(+{settings.steps} recovery steps)"
+          f"(+{steps} recovery steps)"
           + ("" if guard is None else f", teacher agreement {guard.agreement:.4f}, {guard.false_boxes:.2f} false boxes "
              "per text-free image") + f"; FLOPs {report.flops:,} ({report.flops_ratio:.3f}x), latency "
           f"{report.latency_ms:.2f} ms (study {report.trial_latency_ms:.2f} ms); parity max |diff| {diff:.2g} "

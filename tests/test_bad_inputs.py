@@ -109,6 +109,10 @@ MULTIRUN: dict[str, Case] = {
     "checkpoint of another model": lambda i: (
         [f"model.checkpoint={i.other_checkpoint}"], f"error: {i.other_checkpoint}: missing key 'backbone."),
     "align 0": lambda i: (["prune.align=0"], "error: prune.align=0: must be >= 1"),
+    "negative recovery steps": lambda i: (["finetune.steps=-5"], "error: finetune.steps=-5: must be >= 1"),
+    "zero learning rate": lambda i: (["finetune.lr=0"], "error: finetune.lr=0: must be > 0"),
+    "guard threshold out of range": lambda i: (
+        ["search.select.min_agreement=2"], "error: search.select.min_agreement=2: must be in [0, 1] or null"),
     "align negative": lambda i: (["prune.align=-8"], "error: prune.align=-8: must be >= 1"),
     "unknown override key": lambda i: (
         ["search.nope=1"], "error: Could not override 'search.nope': Key 'nope' is not in struct"),

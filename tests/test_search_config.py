@@ -42,7 +42,7 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_the_guard_threshold_is_a_constraint_of_the_study():
-    assert study_constraints(_compose())["min_agreement"] == 0.8
+    assert study_constraints(_compose())["min_agreement"] == 0.25
     assert study_constraints(_compose("search.select.min_agreement=null"))["min_agreement"] is None
     check_search_config(_compose("search.select.min_agreement=null", "data.unlabeled_eval=null"))
 

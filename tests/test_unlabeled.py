@@ -20,7 +20,7 @@ from train.data.pool import GUARD_PHOTOS, RECOVERY_PHOTOS, PoolSpec, ensure_pool
 from train.data.synthetic import SyntheticSpec, ensure_synthetic_dataset, label_path
 from train.data.unlabeled import resolve_unlabeled, unlabeled_eval_set, unlabeled_train_set, user_images
 from train.errors import ConfigError, DataError
-from train.recovery import RecoverySettings, map_distillation, pool_dataset, recover, recovery_batches
+from train.recovery import RecoverySettings, pool_dataset, recover, recovery_batches
 from train.runtime import seed_everything
 from train.weights import load_detector
 
@@ -150,33 +150,42 @@ def test_unlabelled_crops_have_empty_targets_and_mix_into_recovery_batches(pool_
         RecoverySettings(unlabeled_share=1.0)
 
 
-def _map_kl(student, teacher, images: paddle.Tensor) -> float:
+def _map_dice(student, teacher, images: list[np.ndarray]) -> float:
+    """Mean Dice of the binarised probability maps of student and teacher over whole images."""
     student.eval()
+    scores = []
     with paddle.no_grad():
-        return float(map_distillation(student(images)["maps"][:, :1], teacher(images)["maps"][:, :1], "kl"))
+        for image in images:
+            x = paddle.to_tensor(image[None])
+            s, t = student(x)["maps"].numpy() > 0.3, teacher(x)["maps"].numpy() > 0.3
+            scores.append(2 * (s & t).sum() / (s.sum() + t.sum() + 1e-6))
+    return float(np.mean(scores))
 
 
-def test_a_tiny_recovery_on_labelled_and_unlabelled_crops_pulls_the_student_to_its_teacher_on_held_out_images(
+def test_a_tiny_recovery_on_labelled_and_unlabelled_crops_brings_the_student_to_its_teacher_on_held_out_images(
         pool_root, tmp_path):
+    """Recovery whose batches mix labelled synthetic crops with crops of the pool: on the guard's held-out text
+    images (other photos, fonts and sizes than the labelled split) the student moves to its teacher's maps."""
     spec = SyntheticSpec(n_train=6, n_eval=1, width_range=(128, 160), height_range=(128, 160), lines_range=(1, 3),
                          font_size_range=(18, 28))
     root = ensure_synthetic_dataset(tmp_path / "syn", spec, progress=False)
     labelled = build_split(root, label_path(root, "train"), "train", crop_size=96)
-    recovery_images = [pool_root / i.path for i in pool_images(pool_root, "recovery")]
-    teacher = load_detector("ppocrv4_det", "pretrained")
-    held_out = unlabeled_eval_set([pool_root / i.path for i in pool_images(pool_root, "guard")], 160, "max")
-    probe = paddle.to_tensor(np.stack([held_out[i]["image"][:, :160, :160] for i in range(len(held_out))]))
+    images = [pool_root / i.path for i in pool_images(pool_root, "recovery")]
+    held_out = unlabeled_eval_set([pool_root / i.path for i in pool_images(pool_root, "guard") if not i.text_free],
+                                  192, "max")
+    probe = [held_out[i]["image"] for i in range(len(held_out))]
 
+    teacher = load_detector("ppocrv4_det", "pretrained")
     student = copy.deepcopy(teacher)
     groups = discover_groups(student)
     plan = make_plan(student, "ppocrv4_det", {g.name: 0.2 for g in groups if g.prunable}, groups=groups)
     apply_plan(student, plan, groups)
-    before = _map_kl(student, teacher, probe)
-    settings = RecoverySettings(steps=12, lr=5e-3, warmup_steps=2, batch_size=2, crop_size=96, unlabeled_share=0.5)
+    before = _map_dice(student, teacher, probe)
+    settings = RecoverySettings(steps=16, lr=5e-3, warmup_steps=2, batch_size=2, crop_size=96, unlabeled_share=0.5)
     seed_everything(0)
-    result = recover(student, teacher, labelled, settings, progress=False,
-                     pool=pool_dataset(recovery_images, settings),
+    result = recover(student, teacher, labelled, settings, progress=False, pool=pool_dataset(images, settings),
                      feature_channels=neck_feature_channels(plan, groups, neck_channels=96))
-    after = _map_kl(student, teacher, probe)
+    after = _map_dice(student, teacher, probe)
     assert {"loss_map", "loss_feature", "loss_label"} <= set(result.final_terms)
-    assert after < 0.5 * before, (before, after)
+    # Measured 0.0 -> 0.42 with 1 thread and 0.0 -> 0.20 with 2 (the trajectory follows float re-association).
+    assert after > before + 0.1, (before, after)

@@ -18,6 +18,7 @@ come from source images the recovery split never uses.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from train.data.synthetic import (HERSHEY_PREFIX, SyntheticSpec, draw_lines, make_background, resolve_fonts,
@@ -36,7 +38,7 @@ from train.schema import GeneratorSpec
 
 SCHEMA_VERSION = 1
 # Part of the cache hash: bump it whenever a change here alters the generated pixels.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 POOL_SPLITS = ("recovery", "guard")
 KINDS = ("photo", "pattern", "text")
 MANIFEST = "pool.json"
@@ -200,11 +202,13 @@ def _load_photo(name: str) -> tuple[np.ndarray, ...]:
             tint = np.array([1.0, 0.8, 0.65])  # skin-like toning of the grey faces
             mosaics.append(np.clip(grey[..., None] * tint, 0, 1))
         return tuple(mosaics)
-    data = np.frombuffer(path.read_bytes(), np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ConfigError(f"cannot decode scikit-image's bundled {name}")
-    return (image[..., ::-1].astype(np.float64) / 255,)
+    # PIL, not OpenCV: libpng would print a warning on stderr for the ICC profiles of some of these files.
+    try:
+        with Image.open(io.BytesIO(path.read_bytes())) as decoded:
+            image = np.asarray(decoded.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot decode scikit-image's bundled {name}: {exc}") from None
+    return (image.astype(np.float64) / 255,)
 
 
 def photo_crop(rng: np.random.Generator, photos: list[np.ndarray], height: int, width: int) -> np.ndarray:
