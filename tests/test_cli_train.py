@@ -30,7 +30,8 @@ def test_evaluate_pretrained_on_tiny_synthetic(tmp_path: Path, cache_env):
 SHIFTED_V1 = Path(__file__).resolve().parents[2] / "shared" / "eval" / "shifted_v1"
 
 
-@pytest.mark.skipif(not (SHIFTED_V1 / "label.txt").is_file(), reason="../shared/eval/shifted_v1 is not beside the clone")
+@pytest.mark.skipif(not (SHIFTED_V1 / "label.txt").is_file(),
+                    reason="../shared/eval/shifted_v1 is not beside the clone")
 def test_evaluate_on_the_out_of_distribution_check_set(tmp_path: Path, cache_env):
     """`data=shifted_v1` reads ../shared/eval/shifted_v1 from the repository root, at PaddleOCR's eval resize."""
     proc = run_cli("train.evaluate", ["data=shifted_v1", "data.eval.max_images=4", "progress=false",
