@@ -45,7 +45,7 @@ from train.data.source import build_dataset, resolve_data  # noqa: E402
 from train.data.unlabeled import resolve_unlabeled, unlabeled_eval_set  # noqa: E402
 from train.evaluation import detect, evaluate_detector  # noqa: E402
 from train.postprocess import DBPostProcess  # noqa: E402
-from train.recovery import RecoverySettings, pool_dataset, recover  # noqa: E402
+from train.recovery import RecoverySettings, recover  # noqa: E402
 from train.runtime import seed_everything  # noqa: E402
 from train.weights import load_detector  # noqa: E402
 
@@ -66,7 +66,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("search", overrides=overrides)
         shifted_cfg = compose("train_evaluate", overrides=["data=shifted_v1"])
-    settings = RecoverySettings(**{**cfg.finetune, "steps": 120})
+    settings = RecoverySettings(**cfg.finetune)
     budgets = args.steps or [int(cfg.finetune.steps)]
     source = resolve_data(cfg.data, progress=False)
     train_set = build_dataset(cfg.data, source, "train", seed=cfg.seed)
@@ -78,7 +78,6 @@ def main() -> None:
 
     teacher = load_detector(cfg.model.name, cfg.model.checkpoint)
     teacher_boxes = detect(teacher, guard_set, postprocess)
-    pool = pool_dataset(pools.recovery, settings) if pools.recovery and settings.unlabeled_per_batch() else None
 
     def scores(model) -> dict:
         shifted = evaluate_detector(model, shifted_set, postprocess, progress=False)
@@ -107,7 +106,7 @@ def main() -> None:
             channels = neck_feature_channels(rule.plan, groups, teacher.head.binarize.conv1.weight.shape[1])
             load, started = os.getloadavg()[0], time.perf_counter()
             recover(student, teacher, train_set, replace(settings, steps=steps), feature_channels=channels,
-                    progress=False, pool=pool)
+                    progress=False, unlabeled=pools.recovery)
             wall = time.perf_counter() - started
             rows.append({"model": f"seed rule -{target:.0%}", "reduction": round(rule.reduction, 4),
                          "steps": steps, "wall_s": round(wall, 1),

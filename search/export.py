@@ -36,7 +36,7 @@ from prune.groups import discover_groups
 from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_model,
-                              recover_candidate, recovery_pool)
+                              recover_candidate)
 from search.study import STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage
 from search.app import tracker_for
 from search.tracking import RunLogger, Tracker
@@ -276,7 +276,7 @@ def main(cfg: DictConfig) -> None:
     if settings is not None:
         seed_everything(cfg.seed)
         recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings, cfg.progress,
-                          pool=recovery_pool(data, settings))
+                          unlabeled=data.unlabeled)
     scores: DetScores = evaluate_detector(model, data.eval_set, data.postprocess, cfg.data.eval.max_images,
                                           progress=cfg.progress)
     guard = guard_candidate(cfg, model, teacher, data)

@@ -41,7 +41,7 @@ from train.data.unlabeled import resolve_unlabeled, unlabeled_eval_set
 from train.evaluation import Boxes, detect, evaluate_detector
 from train.metric import DetScores
 from train.postprocess import DBPostProcess
-from train.recovery import RecoverySettings, pool_dataset, recalibrate_bn, recover, recovery_dataset
+from train.recovery import RecoverySettings, recalibrate_bn, recover, recovery_dataset
 from train.trainer import FinetuneResult, save_weights
 from train.weights import load_detector
 
@@ -104,13 +104,6 @@ def guard_teacher_boxes(cfg: DictConfig, teacher: paddle.nn.Layer, data: TrialDa
     return boxes
 
 
-def recovery_pool(data: TrialData, settings: RecoverySettings) -> DetDataset | None:
-    """Recovery's unlabelled crops (`train.recovery.pool_dataset`), None without a pool."""
-    if data.unlabeled is None or not settings.unlabeled_per_batch():
-        return None
-    return pool_dataset(data.unlabeled, settings)
-
-
 def guard_candidate(cfg: DictConfig, student: paddle.nn.Layer, teacher: paddle.nn.Layer,
                     data: TrialData) -> AgreementScores | None:
     """The generalization guard of a recovered student (None without `data.unlabeled_eval`)."""
@@ -128,14 +121,15 @@ def measure_model(model: paddle.nn.Layer, cfg: DictConfig) -> Measurement:
 
 def recover_candidate(student: paddle.nn.Layer, teacher: paddle.nn.Layer, plan: PruningPlan,
                       groups: list[ChannelGroup], train_set: DetDataset, settings: RecoverySettings,
-                      progress: bool = True, pool: DetDataset | None = None) -> FinetuneResult:
+                      progress: bool = True, unlabeled: Sequence[Path] | None = None) -> FinetuneResult:
     """Fine-tune a pruned candidate in place (`train.recovery`), with feature distillation at the neck channels the
-    plan kept, on labelled crops of `train_set` mixed with crops of the unlabelled `pool` (`recovery_pool`). The one
+    plan kept, on labelled crops of `train_set` mixed with crops of the `unlabeled` images. The one
     recovery entry point of the search (trials, and a longer run before export)."""
     channels = None
     if settings.feature_weight:
         channels = neck_feature_channels(plan, groups, teacher.head.binarize.conv1.weight.shape[1])
-    return recover(student, teacher, train_set, settings, feature_channels=channels, progress=progress, pool=pool)
+    return recover(student, teacher, train_set, settings, feature_channels=channels, progress=progress,
+                   unlabeled=unlabeled)
 
 
 def screen_candidate(model: paddle.nn.Layer, data: TrialData, settings: RecoverySettings, bn_batches: int,
@@ -242,7 +236,7 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
         tic = time.perf_counter()
         teacher = load_detector(cfg.model.name, cfg.model.checkpoint)
         result.finetune = recover_candidate(model, teacher, plan, groups, data.train_set, settings, cfg.progress,
-                                            pool=recovery_pool(data, settings))
+                                            unlabeled=data.unlabeled)
         result.seconds["finetune"] = time.perf_counter() - tic
         sink.log_series("finetune_loss", result.finetune.losses)
 

@@ -20,7 +20,7 @@ from train.data.pool import GUARD_PHOTOS, RECOVERY_PHOTOS, PoolSpec, ensure_pool
 from train.data.synthetic import SyntheticSpec, ensure_synthetic_dataset, label_path
 from train.data.unlabeled import resolve_unlabeled, unlabeled_eval_set, unlabeled_train_set, user_images
 from train.errors import ConfigError, DataError
-from train.recovery import RecoverySettings, pool_dataset, recover, recovery_batches
+from train.recovery import RecoverySettings, recover, recovery_batches
 from train.runtime import seed_everything
 from train.weights import load_detector
 
@@ -141,7 +141,7 @@ def test_unlabelled_crops_have_empty_targets_and_mix_into_recovery_batches(pool_
     root = ensure_synthetic_dataset(tmp_path / "syn", spec, progress=False)
     labelled = build_split(root, label_path(root, "train"), "train", crop_size=64)
     settings = RecoverySettings(batch_size=4, crop_size=64, unlabeled_share=0.5)
-    batch = next(recovery_batches(labelled, settings, pool_dataset(paths, settings)))
+    batch = next(recovery_batches(labelled, settings, paths))
     assert batch["image"].shape == [4, 3, 64, 64]
     masks = batch["shrink_mask"].numpy().reshape(4, -1)
     assert masks[:2].sum(axis=1).min() > 0 and masks[2:].sum() == 0  # labelled first, then the pool's crops
@@ -183,7 +183,7 @@ def test_a_tiny_recovery_on_labelled_and_unlabelled_crops_brings_the_student_to_
     before = _map_dice(student, teacher, probe)
     settings = RecoverySettings(steps=16, lr=5e-3, warmup_steps=2, batch_size=2, crop_size=96, unlabeled_share=0.5)
     seed_everything(0)
-    result = recover(student, teacher, labelled, settings, progress=False, pool=pool_dataset(images, settings),
+    result = recover(student, teacher, labelled, settings, progress=False, unlabeled=images,
                      feature_channels=neck_feature_channels(plan, groups, neck_channels=96))
     after = _map_dice(student, teacher, probe)
     assert {"loss_map", "loss_feature", "loss_label"} <= set(result.final_terms)

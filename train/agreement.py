@@ -12,7 +12,7 @@ No labels are needed, so it runs on a user's own unlabelled images as well as on
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,9 +35,6 @@ class AgreementScores:
         """MLflow / study metric names."""
         return {"agreement": self.agreement, "agreement_precision": self.precision,
                 "agreement_recall": self.recall, "false_boxes": self.false_boxes}
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def agreement_scores(student: list[Boxes], teacher: list[Boxes]) -> AgreementScores:

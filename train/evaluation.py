@@ -32,27 +32,23 @@ def evaluate_detector(
 
     The model is put in eval mode and left there.
     """
-    if dataset.mode != "eval":
-        raise ValueError("evaluate_detector needs an eval-mode dataset (resize-for-test transform)")
-    model.eval()
-    count = len(dataset) if max_images is None else min(max_images, len(dataset))
     metric = DetMetric()
-    for index in tqdm(range(count), desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True):
-        sample = dataset[index]
-        boxes = postprocess(predict_maps(model, sample["image"]), sample["shape"][None])[0]
+    for index, boxes in enumerate(detect(model, dataset, postprocess, progress, "evaluate", max_images)):
         regions = dataset.ground_truth(index)
-        metric.update(list(boxes.points), [r.points for r in regions], [r.ignore for r in regions])
+        metric.update(boxes, [r.points for r in regions], [r.ignore for r in regions])
     return metric.compute()
 
 
 def detect(model: paddle.nn.Layer, dataset: DetDataset, postprocess: DBPostProcess, progress: bool = False,
-           desc: str = "detect") -> list[Boxes]:
-    """The post-processed boxes (source-image coordinates) of ``model`` on every image of an eval-mode dataset."""
+           desc: str = "detect", max_images: int | None = None) -> list[Boxes]:
+    """The post-processed boxes (source-image coordinates) of ``model`` on the first ``max_images`` images (all by
+    default) of an eval-mode dataset. The model is put in eval mode and left there."""
     if dataset.mode != "eval":
-        raise ValueError("detect needs an eval-mode dataset (resize-for-test transform)")
+        raise ValueError(f"{desc} needs an eval-mode dataset (resize-for-test transform)")
     model.eval()
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
     out = []
-    for index in tqdm(range(len(dataset)), desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
+    for index in tqdm(range(count), desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
         sample = dataset[index]
         boxes = postprocess(predict_maps(model, sample["image"]), sample["shape"][None])[0]
         out.append([np.asarray(p, dtype=np.float64) for p in boxes.points])

@@ -262,12 +262,12 @@ def recover(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     checkpoint_prefix: Path | None = None,
-    pool: DetDataset | None = None,
+    unlabeled: Sequence[Path] | None = None,
 ) -> FinetuneResult:
     """Fine-tune the pruned ``student`` in place towards the unpruned ``teacher``; returns the loop's result.
 
-    ``train_set``: the train split (its crop size is replaced by ``settings.crop_size``). ``pool``: crops of an
-    unlabelled pool (``pool_dataset``); ``settings.unlabeled_share`` of every batch come from it. ``feature_channels``:
+    ``train_set``: the train split (its crop size is replaced by ``settings.crop_size``). ``unlabeled``: image
+    files of an unlabelled pool; ``settings.unlabeled_share`` of every batch are crops of them. ``feature_channels``:
     for each neck output channel of the student, the teacher channel it was cut from (the kept indices of the
     concat-fed neck convs, in order); needed for feature distillation when the neck output was pruned. The
     student ends in eval mode, in the form it came in (deploy form stays deploy form).
@@ -285,7 +285,7 @@ def recover(
     loss = DistillationLoss(student, teacher, map_weight=settings.map_weight, map_loss=settings.map_loss,
                             feature_weight=settings.feature_weight, feature_channels=feature_channels,
                             label_weight=settings.label_weight)
-    batches: Iterator[Batch] = recovery_batches(dataset, settings, pool)
+    batches: Iterator[Batch] = recovery_batches(dataset, settings, unlabeled)
     try:
         result = finetune(student, batches, loss, settings.trainer_settings(), checkpoint_prefix=checkpoint_prefix,
                           on_step=on_step, progress=progress)
@@ -297,17 +297,14 @@ def recover(
     return result
 
 
-def pool_dataset(images: Sequence[Path], settings: RecoverySettings) -> DetDataset:
-    """Recovery crops of unlabelled ``images``: empty DB targets, so only distillation learns from them."""
-    return unlabeled_train_set(list(images), settings.crop_size, settings.augment, seed=settings.seed)
-
-
 def recovery_batches(dataset: DetDataset, settings: RecoverySettings,
-                     pool: DetDataset | None = None) -> Iterator[Batch]:
-    """Recovery's batches: labelled crops of ``dataset`` mixed with crops of the unlabelled ``pool``."""
-    extra = settings.unlabeled_per_batch() if pool is not None else 0
+                     unlabeled: Sequence[Path] | None = None) -> Iterator[Batch]:
+    """Recovery's batches: labelled crops of ``dataset`` mixed with crops of the ``unlabeled`` images (empty DB
+    targets, so only distillation learns from them)."""
+    extra = settings.unlabeled_per_batch() if unlabeled else 0
     if not extra:
         return endless_batches(dataset, settings.batch_size, settings.num_workers)
+    pool = unlabeled_train_set(list(unlabeled), settings.crop_size, settings.augment, seed=settings.seed)
     return mixed_batches([(dataset, settings.batch_size - extra), (pool, extra)], settings.num_workers)
 
 

@@ -49,6 +49,13 @@ class GeneratorSpec:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{cls.__name__}: bad value in {fields}: {exc}") from exc
 
+    @classmethod
+    def from_config(cls, node: Any) -> Any:
+        """The spec a Hydra config node (``register_config_schema``'s schema) describes, checked like ``from_json``."""
+        from omegaconf import OmegaConf
+
+        return cls.from_json({"schema_version": cls._schema_version, **OmegaConf.to_container(node, resolve=True)})
+
     def hash(self) -> str:
         """Stable content hash (spec fields + generator version), used as the cache key."""
         payload = json.dumps({"generator_version": self._generator_version, "spec": self.to_json()},

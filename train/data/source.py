@@ -52,8 +52,7 @@ def _label_file(path: str, root: Path) -> Path:
 
 def synthetic_spec(cfg: DictConfig) -> SyntheticSpec:
     """The `SyntheticSpec` a synthetic data config describes (`generator` fields, `shifted` variant)."""
-    fields = OmegaConf.to_container(cfg.generator, resolve=True)
-    spec = SyntheticSpec.from_json({"schema_version": 1, **fields})
+    spec = SyntheticSpec.from_config(cfg.generator)
     return shifted_eval_spec(spec) if cfg.get("shifted", False) else spec
 
 

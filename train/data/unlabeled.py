@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from train.data.dataset import DetDataset
 from train.data.labels import LabeledImage
@@ -38,10 +38,6 @@ class UnlabeledPools:
     guard: list[Path] | None
 
 
-def pool_spec(cfg: DictConfig) -> PoolSpec:
-    return PoolSpec.from_json({"schema_version": 1, **OmegaConf.to_container(cfg.pool, resolve=True)})
-
-
 def user_images(pattern: str, key: str, on_error: str = "raise") -> list[Path]:
     """The readable image files of a folder (its files with image suffixes, sorted) or a glob, checked by header."""
     if on_error not in ("raise", "skip"):
@@ -57,13 +53,14 @@ def user_images(pattern: str, key: str, on_error: str = "raise") -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise DataError(f"{key}={pattern}: no such folder or file, and no file matches it as a glob")
-    readable = [f for f in files if cv2.haveImageReader(str(f))]
-    if len(readable) < len(files):
-        bad = next(f for f in files if f not in set(readable))
+    unreadable = {f for f in files if not cv2.haveImageReader(str(f))}
+    readable = [f for f in files if f not in unreadable]
+    if unreadable:
+        bad = next(f for f in files if f in unreadable)
         if on_error == "raise":
             raise DataError(f"{key}: cannot read image {bad} (empty, corrupt or not an image); pass "
                             "data.unlabeled_on_error=skip to skip such files")
-        print(f"warning: {key}: skipped {len(files) - len(readable)} unreadable file(s) of {len(files)}, "
+        print(f"warning: {key}: skipped {len(unreadable)} unreadable file(s) of {len(files)}, "
               f"the first {bad}", file=sys.stderr)
         if not readable:
             raise DataError(f"{key}={pattern}: none of its {len(files)} files is a readable image")
@@ -79,7 +76,7 @@ def resolve_unlabeled(cfg: DictConfig, progress: bool = True) -> UnlabeledPools:
         if value is None:
             pools[split] = None
         elif str(value) == BUILTIN:
-            spec = pool_spec(cfg)
+            spec = PoolSpec.from_config(cfg.pool)
             root = ensure_pool(Path(cfg.pool_cache_dir).expanduser() / spec.hash(), spec, progress=progress)
             images = [root / image.path for image in pool_images(root, split)]
             if not images:
