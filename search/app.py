@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,10 @@ from train.runtime import seed_everything, set_device
 from train.weights import load_detector
 
 
+log = logging.getLogger(__name__)
+CRASH_FILE = "traceback.txt"  # in the trial's folder and its MLflow run, when the trial crashed
+
+
 @dataclass
 class TrialOutcome:
     """What a finished job hands back to the sweeper (picklable, for launchers in other processes)."""
@@ -50,12 +56,14 @@ class TrialOutcome:
 
 
 class TrialFailed(Exception):
-    """A trial that raised; `reason` is one line for the study, `run_id` its FAILED MLflow run."""
+    """A trial that raised; `reason` is one line for the study, `run_id` its FAILED MLflow run. `traceback` is set
+    when the cause was not a `UserError`: a bug of ours (a crash), which must reach the user as one."""
 
-    def __init__(self, reason: str, run_id: str):
-        super().__init__(reason, run_id)
+    def __init__(self, reason: str, run_id: str, traceback: str | None = None):
+        super().__init__(reason, run_id, traceback)
         self.reason = reason
         self.run_id = run_id
+        self.traceback = traceback
 
     def __str__(self) -> str:
         return self.reason
@@ -95,9 +103,16 @@ def _run_tracked(run: RunLogger, cfg: DictConfig, out_dir: Path, data: TrialData
         _log_result(run, result, out_dir, cfg.tracking.log_weights)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        trace = None
+        if not isinstance(exc, UserError):  # a crash: its traceback goes to the job's log and the run
+            trace = traceback.format_exc()
+            log.error("trial crashed (a bug in this project, not in your input):\n%s", trace)
+            (out_dir / CRASH_FILE).write_text(trace)
+            run.log_artifact(out_dir / CRASH_FILE)
+            reason = f"crash: {reason}"
         run.set_tags({"fail_reason": reason})
         run.end("FAILED")
-        raise TrialFailed(reason, run.run_id) from exc
+        raise TrialFailed(reason, run.run_id, trace) from exc
     except BaseException:  # Ctrl-C: the run must not stay RUNNING forever
         run.end("KILLED")
         raise

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,6 +49,16 @@ from train.runtime import set_device
 from train.weights import load_detector
 
 log = logging.getLogger(__name__)
+MAX_REASON_CHARS = 8000  # a crash's fail_reason carries its traceback
+
+
+class TrialsCrashed(RuntimeError):
+    """Trials failed on a bug of ours: the command ends with exit 1 and this traceback, never as a user error."""
+
+    def __init__(self, numbers: list[int]):
+        super().__init__(f"trial(s) {', '.join(map(str, numbers))} crashed: a bug in this project, not in your "
+                         "input; their tracebacks are above, in each trial's fail_reason and in its MLflow run "
+                         "(traceback.txt)")
 
 # (trial numbers, per-job overrides) -> one JobReturn per job, in order.
 Launch = Callable[[Sequence[int], Sequence[Sequence[str]]], Sequence[JobReturn]]
@@ -134,6 +146,7 @@ class StudyRunner:
         self.worker = worker_id()
         # Asked by this worker and not told yet: the trials its heartbeat vouches for.
         self.pending: list[Trial] = []
+        self.crashed: list[int] = []  # trials of this invocation that failed on a bug (not a UserError)
 
     # -- 1 and 2: checks, study, prior, parent run ------------------------------------------------------------
     def prepare(self) -> None:
@@ -369,11 +382,19 @@ class StudyRunner:
         except Exception as exc:  # the job's exception, re-raised by JobReturn
             self.failures += 1
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if not isinstance(exc, TrialFailed):
+            if isinstance(exc, TrialFailed):
+                trace = exc.traceback
+            else:  # raised outside the tracked run (loading the study, starting the run)
                 reason = f"{type(exc).__name__}: {reason}"
-            trial.set_user_attr(TRIAL_FAIL_REASON, reason[:1000])
+                trace = None if isinstance(exc, UserError) else "".join(traceback.format_exception(exc))
+            if trace is not None:
+                self.crashed.append(trial.number)
+                print(f"trial {trial.number} crashed (a bug in this project, not in your input):\n{trace}",
+                      file=sys.stderr, flush=True)
+                reason = f"{reason}\n{trace}"
+            trial.set_user_attr(TRIAL_FAIL_REASON, reason[:MAX_REASON_CHARS])
             self.study.tell(trial, state=TrialState.FAIL)
-            log.warning("trial %d failed: %s", trial.number, reason)
+            log.warning("trial %d failed: %s", trial.number, reason.splitlines()[0])
             return
         assert job.status == JobStatus.COMPLETED
         for key, value in outcome.metrics.items():
@@ -394,6 +415,8 @@ class StudyRunner:
         records = trial_records(self.study, study_constraints(cfg))
         if not records:
             self.parent.end("FAILED")
+            if self.crashed:
+                raise TrialsCrashed(self.crashed)
             raise UserError(f"study {self.name!r} has no complete trial; see the trials' {TRIAL_FAIL_REASON} in "
                             "the study or the FAILED runs in MLflow")
         front = pareto_front(records, self.objectives)
@@ -421,6 +444,8 @@ class StudyRunner:
         r = chosen.record
         print_result_line(f"chosen_trial={r.number} hmean={r.hmean:.6f} flops_ratio={r.flops_ratio:.6f} "
                           f"latency_ratio={r.latency_ratio:.6f} run_id={r.run_id}")
+        if self.crashed:
+            raise TrialsCrashed(self.crashed)
         return chosen
 
     def _screened_points(self, cost: str) -> list[tuple[float, float]]:
