@@ -5,11 +5,15 @@ Every check here runs before any model is loaded, so a mistyped override costs a
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from prune.criteria import CRITERIA
+from prune.sensitivity import METRICS, check_ratios
 from train.errors import ConfigError
 
 
@@ -64,10 +68,28 @@ def check_search_config(cfg: DictConfig) -> None:
         raise ConfigError(f"search.n_trials={search.n_trials}: must be >= 1")
     if search.max_failures < 1:
         raise ConfigError(f"search.max_failures={search.max_failures}: must be >= 1")
-    if cfg.sensitivity.split not in ("train", "eval"):
-        raise ConfigError(f"sensitivity.split={cfg.sensitivity.split!r}: use train or eval")
-    if cfg.prune.align < 1:
-        raise ConfigError(f"prune.align={cfg.prune.align}: must be >= 1")
+    check_out_dir(cfg.out_dir)
+    sensitivity = cfg.sensitivity
+    if sensitivity.split not in ("train", "eval"):
+        raise ConfigError(f"sensitivity.split={sensitivity.split!r}: use train or eval")
+    if sensitivity.metric not in METRICS:
+        raise ConfigError(f"sensitivity.metric={sensitivity.metric!r}: known metrics are {', '.join(METRICS)}")
+    if sensitivity.images < 1:
+        raise ConfigError(f"sensitivity.images={sensitivity.images}: need at least 1 probe image")
+    if sensitivity.limit_side_len < 32:
+        raise ConfigError(f"sensitivity.limit_side_len={sensitivity.limit_side_len}: must be >= 32")
+    check_ratios(sensitivity.ratios)
+    prune = cfg.prune
+    if prune.criterion not in CRITERIA:
+        raise ConfigError(f"prune.criterion={prune.criterion!r}: known criteria are {', '.join(CRITERIA)}")
+    if prune.align < 1:
+        raise ConfigError(f"prune.align={prune.align}: must be >= 1")
+    if len(prune.input_size) != 2 or min(prune.input_size) < 32:
+        raise ConfigError(f"prune.input_size={list(prune.input_size)}: need [height, width], each >= 32")
+    measure = cfg.measure
+    for key, low in (("threads", 1), ("warmup", 0), ("runs", 1)):
+        if measure[key] < low:
+            raise ConfigError(f"measure.{key}={measure[key]}: must be >= {low}")
     for target in search.warm_start.seed_rule_targets:
         if not 0.0 < target < 1.0:
             raise ConfigError(f"search.warm_start.seed_rule_targets: {target} is not a FLOPs reduction in (0, 1)")
@@ -95,6 +117,16 @@ def check_search_config(cfg: DictConfig) -> None:
     if min_agreement is not None and cfg.data.get("unlabeled_eval") is None:
         raise ConfigError("search.select.min_agreement needs the guard's images: set data.unlabeled_eval (builtin or "
                           "a folder of your images), or search.select.min_agreement=null")
+
+
+def check_out_dir(out_dir: str | Path, key: str = "out_dir") -> None:
+    """`out_dir` can be created (or is a folder) and written to; checked without creating anything."""
+    path = Path(out_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={out_dir}: {existing} is not writable")
 
 
 def study_constraints(cfg: DictConfig) -> dict[str, float | None]:

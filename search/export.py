@@ -37,7 +37,8 @@ from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_model,
                               recover_candidate)
-from search.study import STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage
+from search.study import (STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage,
+                          storage_file)
 from search.app import tracker_for
 from search.tracking import RunLogger, Tracker
 from train.cli import exit_on_user_error, print_result_line, run_app
@@ -253,6 +254,10 @@ def _log_to_mlflow(tracker: Tracker, cfg: DictConfig, selected: SelectedTrial, t
 def main(cfg: DictConfig) -> None:
     _check_export_config(cfg)
     set_device(cfg.device)
+    stored = storage_file(cfg.storage)
+    if stored is not None and not stored.is_file():  # opening it would create an empty store
+        raise ConfigError(f"no study in out_dir={cfg.out_dir}: {stored} does not exist (run `python -m search "
+                          "multirun` with the same out_dir first)")
     tracker = tracker_for(cfg)
     tracker.check()
     study = load_study(make_storage(cfg.storage), cfg.search.study_name)

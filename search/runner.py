@@ -39,7 +39,8 @@ from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REAS
                           TRIAL_SCREENED_OUT, TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD, TRIAL_SKIP_SET,
                           TRIAL_TARGET, TRIAL_WORKER, Budget, WarmStart, claim_creation, constraints_func,
                           count_finished, enqueue_warm_start, fail_stale_trials, give_up, last_heartbeat,
-                          make_storage, mask_url, open_study, over_budget, storage_where, trial_records)
+                          make_storage, mask_url, open_study, over_budget, storage_file, storage_where,
+                          trial_records)
 from search.tracking import RunLogger
 from train.cli import print_result_line
 from train.errors import ConfigError, UserError
@@ -159,9 +160,15 @@ class StudyRunner:
         self._check_inputs()
         where = storage_where(cfg.storage)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.tracker = tracker_for(cfg)
-        self.tracker.check()
-        self.storage = make_storage(cfg.storage)
+        # A server that cannot be reached fails before the other store's local file is created.
+        if storage_file(cfg.storage) is None:
+            self.storage = make_storage(cfg.storage)
+            self.tracker = tracker_for(cfg)
+            self.tracker.check()
+        else:
+            self.tracker = tracker_for(cfg)
+            self.tracker.check()
+            self.storage = make_storage(cfg.storage)
         settings = frozen_settings(cfg)
         self.study, created = open_study(self.storage, self.name, self.objectives)
         log.info("study %r: Optuna storage %s, MLflow %s, worker %s", self.name, where, mask_url(cfg.tracking.uri),

@@ -17,6 +17,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import optuna
@@ -81,6 +82,17 @@ def storage_where(cfg: DictConfig) -> str:
         return mask_url(str(cfg.get("url", cfg.get("_target_"))))
     except InterpolationResolutionError as exc:
         raise ConfigError(f"storage.url: {str(exc).splitlines()[0]}") from None
+
+
+def storage_file(cfg: DictConfig) -> Path | None:
+    """The local file a storage config keeps the study in (SQLite or journal), or None for a server."""
+    url = str(cfg.get("url") or "")
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    backend = cfg.get("log_storage")
+    if backend is not None and backend.get("file_path"):
+        return Path(str(backend.file_path))
+    return None
 
 
 def make_storage(cfg: DictConfig) -> optuna.storages.BaseStorage:

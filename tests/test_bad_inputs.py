@@ -39,6 +39,8 @@ class Inputs:
     other_checkpoint: Path
     other_plan: Path
     renamed_plan: Path
+    image: Path  # a PNG of the dataset
+    outside: Path  # eval labels plus a line whose region lies right of its image
 
     def data(self) -> list[str]:
         return ["data=icdar", f"data.root={self.root}", f"data.label_file={self.eval}",
@@ -80,6 +82,10 @@ def inputs(tmp_path_factory) -> Inputs:
         not_image=_write(labels / "not_image.txt", [
             *eval_lines, "notes.png\t" + json.dumps([{"transcription": "x", "points": [[0, 0], [9, 0], [9, 9]]}])]),
         empty=_write(labels / "empty.txt", []),
+        image=root / image,
+        outside=_write(labels / "outside.txt", [
+            *eval_lines, image + "\t" + json.dumps([{"transcription": "x", "points": [[400, 10], [460, 10],
+                                                                                      [460, 40], [400, 40]]}])]),
         other_checkpoint=base / "ppocrv3_det.pdparams",
         other_plan=base / "ppocrv3_det_plan.json",
         renamed_plan=base / "renamed_plan.json",
@@ -114,6 +120,22 @@ MULTIRUN: dict[str, Case] = {
     "guard threshold out of range": lambda i: (
         ["search.select.min_agreement=2"], "error: search.select.min_agreement=2: must be in [0, 1] or null"),
     "align negative": lambda i: (["prune.align=-8"], "error: prune.align=-8: must be >= 1"),
+    # Settings the study freezes: a typo here must not create a study that refuses the corrected command.
+    "unknown sensitivity metric": lambda i: (
+        ["sensitivity.metric=nope"], "error: sensitivity.metric='nope': known metrics are map_dice, hmean"),
+    "unknown criterion": lambda i: (
+        ["prune.criterion=nope"], "error: prune.criterion='nope': known criteria are fpgm, l1"),
+    "zero timing threads": lambda i: (["measure.threads=0"], "error: measure.threads=0: must be >= 1"),
+    "sensitivity ratio out of range": lambda i: (
+        ["sensitivity.ratios=[0.5,1.5]"], "error: sensitivity.ratios [1.5]: every ratio must be in (0, 1)"),
+    "label file that is an image": lambda i: (
+        [f"data.label_file={i.image}"], f"error: {i.image}: not a text label file (byte 0 is not UTF-8)"),
+    "label file that is a folder": lambda i: (
+        [f"data.label_file={i.root}"], f"error: label file {i.root} is a folder, not a file"),
+    "region outside its image": lambda i: (
+        [f"data.label_file={i.outside}"], f"error: {i.outside}:4: region 0: polygon lies outside the "),
+    "out_dir under a file": lambda i: (
+        [f"out_dir={i.image}/study"], f"error: out_dir={i.image}/study: {i.image} is a file, not a folder"),
     "unknown override key": lambda i: (
         ["search.nope=1"], "error: Could not override 'search.nope': Key 'nope' is not in struct"),
     "override that does not parse": lambda i: (
@@ -136,6 +158,14 @@ SINGLE: dict[str, Case] = {
     "checkpoint of another model": MULTIRUN["checkpoint of another model"],
     "empty eval split": MULTIRUN["empty eval split"],
 }
+
+
+def test_export_without_a_study_writes_no_store(tmp_path, cache_env):
+    out = tmp_path / "nothing"
+    proc = run_cli("search.export", [f"out_dir={out}"], cache_env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: no study in out_dir={out}: ")
+    assert not list(tmp_path.rglob("*.db")), "a store was written"
 
 
 def _check_fails_untouched(proc, out: Path, expected: str) -> None:

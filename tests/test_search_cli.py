@@ -28,7 +28,7 @@ def test_user_errors_are_one_line_before_any_work(tmp_path, cache_env, override,
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(message)
     assert "secret" not in proc.stderr + proc.stdout
-    assert not (out / "optuna.db").exists() and not (out / "trials").exists()
+    assert not list(out.rglob("*.db")) and not (out / "trials").exists(), "a store was written"
 
 
 def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(tmp_path, cache_env):

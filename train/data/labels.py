@@ -17,7 +17,8 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from shapely.geometry import Polygon
+from PIL import Image
+from shapely.geometry import Polygon, box
 from shapely.validation import explain_validity
 
 from train.errors import DataError
@@ -64,6 +65,8 @@ def read_label_file(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     label_file = Path(label_file)
     root = Path(root)
+    if label_file.is_dir():
+        raise DataError(f"label file {label_file} is a folder, not a file")
     if not label_file.is_file():
         raise DataError(f"label file not found: {label_file}")
     if not root.is_dir():
@@ -71,18 +74,22 @@ def read_label_file(
 
     items: list[LabeledImage] = []
     problems: list[str] = []
-    with label_file.open("r", encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            try:
-                items.append(_parse_line(line, root, label_file, line_no))
-            except _LineError as e:
-                message = f"{label_file}:{line_no}: {e}"
-                if on_error == "raise":
-                    raise DataError(message) from None
-                problems.append(message)
+    try:
+        text = label_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{label_file}: not a text label file (byte {e.start} is not UTF-8); expected lines "
+                        "'image path<TAB>JSON list of regions'") from None
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            items.append(_parse_line(line, root, label_file, line_no))
+        except _LineError as e:
+            message = f"{label_file}:{line_no}: {e}"
+            if on_error == "raise":
+                raise DataError(message) from None
+            problems.append(message)
 
     if problems:
         warnings.warn(
@@ -113,6 +120,7 @@ def _parse_line(line: str, root: Path, label_file: Path, line_no: int) -> Labele
         raise _LineError(f"image file not found: {image_path}")
     if not cv2.haveImageReader(str(image_path)):
         raise _LineError(f"not an image OpenCV can read (unknown format or unreadable file): {image_path}")
+    _check_inside(regions, image_path)
     return LabeledImage(image_path=image_path, regions=regions, label_file=label_file, line_no=line_no)
 
 
@@ -148,3 +156,22 @@ def _parse_points(raw: object, where: str) -> np.ndarray:
         problem = "zero-area" if shape.area <= 0 else "self-intersecting"
         raise _LineError(f"{where}: {problem} polygon ({explain_validity(shape)}): {raw}")
     return points
+
+
+def _check_inside(regions: list[TextRegion], image_path: Path) -> None:
+    """A region with no part inside its image can never be detected: it would only lower recall, silently (labels
+    for another image size, swapped x/y). Regions partly outside are kept as PaddleOCR keeps them (its metric does
+    not clip them). The size comes from the header (PIL reads no pixels); a format PIL does not know is not checked.
+    """
+    if not regions:
+        return
+    try:
+        with Image.open(image_path) as image:
+            width, height = image.size
+    except (OSError, ValueError):
+        return
+    frame = box(0, 0, width, height)
+    for k, region in enumerate(regions):
+        if Polygon(region.points).intersection(frame).area <= 0:
+            raise _LineError(f"region {k}: polygon lies outside the {width}x{height} image: "
+                             f"{region.points.astype(int).tolist()}")
