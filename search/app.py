@@ -38,7 +38,7 @@ from search.tracking import RunLogger, Tracker
 from train.cli import exit_on_user_error, print_result_line
 from train.errors import ConfigError, UserError
 from train.runtime import seed_everything, set_device
-from train.weights import load_detector
+from train.weights import detector_from_config
 
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def run_single(cfg: DictConfig) -> None:
         if plan.model != cfg.model.name:
             raise ConfigError(f"trial.plan={cfg.trial.plan} is for model {plan.model!r}, not model={cfg.model.name}")
     set_device(cfg.device)
-    model = load_detector(cfg.model.name, cfg.model.checkpoint)
+    model = detector_from_config(cfg.model)
     if plan is None:  # ranked now, so a wrong group name or ratio fails before any work
         ratios = OmegaConf.to_container(cfg.trial.ratios) if cfg.trial.ratios is not None else {}
         plan = make_plan(model, cfg.model.name, {str(k): float(v) for k, v in ratios.items()}, cfg.prune.criterion,

@@ -51,7 +51,7 @@ from train.metric import DetScores
 from train.recovery import RecoverySettings
 from train.runtime import seed_everything, set_device
 from train.trainer import save_weights
-from train.weights import load_detector
+from train.weights import detector_from_config
 
 FORMATS = ("pir", "legacy")
 METRICS_FILE = "metrics.json"
@@ -276,7 +276,7 @@ def main(cfg: DictConfig) -> None:
         model = load_pruned(cfg.model.name, plan, weights_path)
 
     data = load_trial_data(cfg)
-    teacher = load_detector(cfg.model.name, cfg.model.checkpoint)
+    teacher = detector_from_config(cfg.model)
     steps = settings.steps if settings is not None else 0
     if settings is not None:
         seed_everything(cfg.seed)

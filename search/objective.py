@@ -43,7 +43,7 @@ from train.metric import DetScores
 from train.postprocess import DBPostProcess
 from train.recovery import RecoverySettings, recalibrate_bn, recover, recovery_dataset
 from train.trainer import FinetuneResult, save_weights
-from train.weights import load_detector
+from train.weights import detector_from_config
 
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "finetuned.pdparams"
@@ -200,7 +200,7 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
     Writes the plan and the fine-tuned weights to `out_dir`.
     """
     started = time.perf_counter()
-    model = load_detector(cfg.model.name, cfg.model.checkpoint)
+    model = detector_from_config(cfg.model)
     groups = discover_groups(model)
     if plan is None:
         plan = make_plan(model, cfg.model.name, dict(ratios or {}), cfg.prune.criterion, cfg.prune.align,
@@ -234,7 +234,7 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
     teacher = None
     if cut_counts(plan):
         tic = time.perf_counter()
-        teacher = load_detector(cfg.model.name, cfg.model.checkpoint)
+        teacher = detector_from_config(cfg.model)
         result.finetune = recover_candidate(model, teacher, plan, groups, data.train_set, settings, cfg.progress,
                                             unlabeled=data.unlabeled)
         result.seconds["finetune"] = time.perf_counter() - tic

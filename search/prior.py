@@ -18,7 +18,8 @@ from search.objective import measure_model
 from search.space import SearchSpace, build_space, cut_counts
 from train.data.source import resolve_data
 from train.errors import ConfigError
-from train.weights import load_detector
+from train.models.zoo import model_spec
+from train.weights import detector_from_config
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,20 @@ def check_always_skip(names: list[str], groups: list[ChannelGroup], model_name: 
                               f"list them with `python -m prune.groups model={model_name}`")
 
 
+def always_skip_groups(cfg: DictConfig) -> list[str]:
+    """The groups the search never cuts: `search.space.always_skip`, plus the model's stem under `keep_stem`."""
+    names = list(cfg.search.space.always_skip)
+    stem = model_spec(cfg.model.name).stem
+    if cfg.search.space.keep_stem and stem not in names:
+        names.insert(0, stem)
+    return names
+
+
 def build_prior(cfg: DictConfig) -> Prior:
     """Everything `search.prior` holds, for the config's model, data and search settings."""
-    model = load_detector(cfg.model.name, cfg.model.checkpoint)
+    model = detector_from_config(cfg.model)
     groups = discover_groups(model)
-    always_skip = list(cfg.search.space.always_skip)
+    always_skip = always_skip_groups(cfg)
     source = resolve_data(cfg.data, progress=cfg.progress)
     table, _ = table_for_config(cfg, model, source, groups)
 

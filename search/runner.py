@@ -31,7 +31,7 @@ from search.config import (check_same_settings, check_search_config, flat_config
 from search.objective import load_trial_data
 from search.pareto import Selection, format_front, pareto_front, plot_front, select
 from search.pareto import write_csv as write_records
-from search.prior import Prior, build_prior, check_always_skip
+from search.prior import Prior, always_skip_groups, build_prior, check_always_skip
 from search.space import SearchSpace, cut_counts, params_for, suggest
 from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, FINISHED, STALE_REASON,
                           STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE, STUDY_SETTINGS, STUDY_SPACE,
@@ -47,7 +47,7 @@ from train.errors import ConfigError, UserError
 from train.models.zoo import build_detector
 from train.recovery import RecoverySettings
 from train.runtime import set_device
-from train.weights import load_detector
+from train.weights import detector_from_config
 
 log = logging.getLogger(__name__)
 MAX_REASON_CHARS = 8000  # a crash's fail_reason carries its traceback
@@ -187,10 +187,9 @@ class StudyRunner:
         does not fit, a missing or malformed dataset, an unreadable image or an empty split is then one error
         before the study exists, instead of a failure in the sensitivity scan or in every trial."""
         cfg = self.cfg
-        check_always_skip(list(cfg.search.space.always_skip), discover_groups(build_detector(cfg.model.name)),
-                          cfg.model.name)
+        check_always_skip(always_skip_groups(cfg), discover_groups(build_detector(cfg.model.name)), cfg.model.name)
         RecoverySettings(**cfg.finetune)
-        load_detector(cfg.model.name, cfg.model.checkpoint)
+        detector_from_config(cfg.model)
         load_trial_data(cfg)
 
     def _lead(self, attempt: int) -> None:

@@ -3,6 +3,8 @@ work and before the storage or tracking store is written; a diverging trial is r
 goes on until `search.max_failures`."""
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -49,3 +51,27 @@ def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(tmp_path,
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == reason
         assert "flops_ratio" in run.data.metrics                     # measured before fine-tuning diverged
+
+
+@pytest.mark.parametrize("model", ["det_mv3_db", "ppocrv3_det"])
+def test_the_other_zoo_models_refuse_random_weights_and_search_with_them_allowed(tmp_path, cache_env, model):
+    """No weights ship for these: the search refuses to run on random weights unless told to, then runs on the
+    defaults (their own stem left whole) to a chosen trial."""
+    out = tmp_path / "study"
+    proc = run_cli("search", ["multirun", *TINY_SEARCH, f"model={model}", f"out_dir={out}"], cache_env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: model {model} has no weights: pass model.checkpoint=<a PaddleOCR .pdparams> "
+        "(model.allow_random_init=true to run on random weights anyway)")
+    assert not list(tmp_path.rglob("*.db"))
+
+    proc = run_cli("search", ["multirun", *TINY_SEARCH, f"model={model}", "model.allow_random_init=true",
+                              "search.n_trials=3", "search.warm_start.seed_rule_targets=[0.3]",
+                              "search.select.min_agreement=null", f"out_dir={out}"], cache_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("chosen_trial=")
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out}/optuna.db")
+    assert sum(t.state.is_finished() for t in study.trials) == 3
+    stem = "backbone.conv.conv"
+    for trial in study.trials:
+        assert json.loads(trial.user_attrs.get("ratios", "{}")).get(stem, 0.0) == 0.0, "the stem was cut"

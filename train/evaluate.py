@@ -14,7 +14,7 @@ from train.data.source import build_dataset, resolve_data
 from train.evaluation import evaluate_detector
 from train.postprocess import DBPostProcess
 from train.runtime import set_device
-from train.weights import load_detector
+from train.weights import detector_from_config
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_evaluate")
@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     set_device(cfg.device)
     source = resolve_data(cfg.data, progress=cfg.progress)
     dataset = build_dataset(cfg.data, source, "eval")
-    model = load_detector(cfg.model.name, cfg.model.checkpoint)
+    model = detector_from_config(cfg.model)
     scores = evaluate_detector(model, dataset, DBPostProcess(**cfg.postprocess), cfg.data.eval.max_images,
                                progress=cfg.progress)
     print_result_line(f"hmean={scores.hmean:.6f} precision={scores.precision:.6f} recall={scores.recall:.6f} "

@@ -21,7 +21,7 @@ from train.loss import DBLoss
 from train.postprocess import DBPostProcess
 from train.runtime import seed_everything, set_device
 from train.trainer import FinetuneSettings, finetune, save_weights
-from train.weights import load_detector
+from train.weights import detector_from_config
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
     train_set = build_dataset(cfg.data, source, "train", seed=cfg.seed)
     eval_set = build_dataset(cfg.data, source, "eval")
     postprocess = DBPostProcess(**cfg.postprocess)
-    model = load_detector(cfg.model.name, cfg.model.checkpoint)
+    model = detector_from_config(cfg.model)
 
     report: dict = {"config": OmegaConf.to_container(cfg, resolve=True)}
     if cfg.evaluate_before:

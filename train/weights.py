@@ -16,6 +16,7 @@ import importlib.util
 import pickle
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import paddle
 
 from train.errors import CheckpointError, ConfigError
 from train.models.detector import DBDetector
-from train.models.zoo import build_detector, is_deploy_form, ppocrv4_det, reparameterize
+from train.models.zoo import MODELS, build_detector, is_deploy_form, model_spec, ppocrv4_det, reparameterize
 
 # ``paddle.save(model.state_dict())`` adds this bookkeeping entry (structured key -> Paddle variable name).
 STRUCTURED_NAMES_ENTRY = "StructuredToParameterName@@"
@@ -62,7 +63,6 @@ _RAPIDOCR_V4_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
 _TRAINING_BRANCH_MARK = ".conv_kxk."
 _FUSED_MARK = ".reparam_conv."
 # The only zoo model with a training and a deploy form, and the only one with shipped weights.
-_REPARAMETERIZABLE = "ppocrv4_det"
 
 StateDict = Mapping[str, "np.ndarray | paddle.Tensor"]
 
@@ -168,14 +168,15 @@ def load_detector(name: str, checkpoint: str | Path | None = None, deploy: bool 
     checkpoint (e.g. a user's PaddleOCR ``best_accuracy.pdparams``) is then fused. ``deploy=False`` needs a
     training-form checkpoint: fusion cannot be undone.
     """
-    reparameterizable = name == _REPARAMETERIZABLE
+    spec = model_spec(name)
+    reparameterizable = spec.reparameterizable
     if checkpoint is None:
         model = build_detector(name, deploy=deploy) if reparameterizable else build_detector(name)
     elif checkpoint == PRETRAINED:
-        if not reparameterizable:
-            raise ConfigError(
-                f"checkpoint {PRETRAINED!r}: no weights are shipped for {name!r}, only for {_REPARAMETERIZABLE!r}"
-            )
+        if not spec.pretrained:
+            shipped = [n for n, s in MODELS.items() if s.pretrained]
+            raise ConfigError(f"checkpoint {PRETRAINED!r}: no weights are shipped for {name!r}, only for "
+                              f"{', '.join(map(repr, shipped))}")
         if not deploy:
             raise ConfigError(
                 f"checkpoint {PRETRAINED!r}: the shipped {name} weights are in fused deploy form; set deploy=True"
@@ -195,6 +196,21 @@ def load_detector(name: str, checkpoint: str | Path | None = None, deploy: bool 
             reparameterize(model)
     model.eval()
     return model
+
+
+def detector_from_config(model_cfg: Mapping[str, Any]) -> DBDetector:
+    """The detector a ``model`` config node describes (``name``, ``checkpoint``, ``allow_random_init``).
+
+    Without a checkpoint a model has random weights: every score, sensitivity and plan made from it is noise, so
+    that is refused in one line unless ``model.allow_random_init=true`` (tests, architecture-only work).
+    """
+    name, checkpoint = str(model_cfg["name"]), model_cfg.get("checkpoint")
+    spec = model_spec(name)
+    if checkpoint is None and not model_cfg.get("allow_random_init", False):
+        hint = f" or model.checkpoint={PRETRAINED}" if spec.pretrained else ""
+        raise ConfigError(f"model {name} has no weights: pass model.checkpoint=<a PaddleOCR .pdparams>{hint} "
+                          "(model.allow_random_init=true to run on random weights anyway)")
+    return load_detector(name, checkpoint)
 
 
 def pretrained_model_dir() -> Path:

