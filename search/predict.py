@@ -6,8 +6,8 @@ Prints each image's inference latency; last line: `images=<int> boxes=<int> mean
 """
 from __future__ import annotations
 
-import glob
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,27 +19,10 @@ from omegaconf import DictConfig
 from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.dataset import read_image
 from train.data.transforms import build_eval_transform, make_sample
+from train.data.unlabeled import user_images
 from train.deploy_config import read_deploy_config
-from train.errors import DataError
 from train.inference import InferenceSession
 from train.postprocess import DBPostProcess
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def list_images(spec: str) -> list[Path]:
-    """An image file, every image in a folder, or a glob pattern; sorted. No image at all is a DataError."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        found = [path]
-    elif path.is_dir():
-        found = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-    else:
-        found = [Path(p) for p in glob.glob(str(path)) if Path(p).suffix.lower() in IMAGE_SUFFIXES]
-    if not found:
-        raise DataError(f"images={spec}: no image file there (file, folder or glob of {', '.join(IMAGE_SUFFIXES)})")
-    return sorted(found)
-
 
 def draw_boxes(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     canvas = image.copy()
@@ -54,12 +37,14 @@ def main(cfg: DictConfig) -> None:
     session = InferenceSession(cfg.export_dir, threads=cfg.threads, use_mkldnn=cfg.use_mkldnn)
     transform = build_eval_transform(limit_side_len=deploy.limit_side_len, limit_type=deploy.limit_type)
     postprocess = DBPostProcess(**deploy.postprocess)
-    images = list_images(cfg.images)
+    # Every file is checked before any prediction is written; the predictions appear whole or not at all.
+    images = user_images(cfg.images, "images", cfg.on_error, on_error_key="on_error")
     out_dir = Path(cfg.out_dir)
     (out_dir / "vis").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)  # the eval transform draws nothing; the argument is part of its interface
     latencies, total_boxes = [], 0
-    with (out_dir / "predictions.jsonl").open("w") as out:
+    partial = out_dir / "predictions.jsonl.partial"
+    with partial.open("w") as out:
         for path in images:
             image = read_image(path)
             sample = transform(make_sample(image, []), rng)
@@ -75,6 +60,7 @@ def main(cfg: DictConfig) -> None:
             if cfg.draw:
                 cv2.imwrite(str(out_dir / "vis" / path.name), draw_boxes(image, boxes.points))
             print(f"image={path} boxes={len(boxes.points)} latency_ms={latency:.2f}", flush=True)
+    os.replace(partial, out_dir / "predictions.jsonl")
     print_result_line(f"images={len(images)} boxes={total_boxes} mean_latency_ms={float(np.mean(latencies)):.3f} "
                       f"out_dir={out_dir}")
 

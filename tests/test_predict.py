@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,4 +76,26 @@ def test_predict_without_images_is_one_line_error(exported: Path, tmp_path: Path
     proc = run_cli("search.predict", [f"export_dir={exported}", f"images={tmp_path / 'none'}",
                                       f"hydra.run.dir={tmp_path / 'p'}"], cache_env)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: images={tmp_path / 'none'}: no image file")
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: images={tmp_path / 'none'}: no such folder or file, and no file matches it as a glob")
+
+
+def test_predict_checks_every_image_before_writing_any_prediction(exported: Path, tmp_path: Path, cache_env):
+    root = ensure_synthetic_dataset(tmp_path / "data", TINY, progress=False)
+    images = tmp_path / "images"
+    shutil.copytree(root / "images" / "eval", images)
+    (images / "zz_empty.png").write_bytes(b"")  # sorted last: a loop that checks as it goes would write first
+    out = tmp_path / "pred"
+    proc = run_cli("search.predict", [f"export_dir={exported}", f"images={images}", f"hydra.run.dir={out}"],
+                   cache_env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: images: cannot read image {images / 'zz_empty.png'} (empty, corrupt or not an image); pass "
+        "on_error=skip to skip such files")
+    assert not list(out.glob("predictions.jsonl*"))
+
+    proc = run_cli("search.predict", [f"export_dir={exported}", f"images={images}", f"hydra.run.dir={out}",
+                                      "on_error=skip"], cache_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipped 1 unreadable file(s) of 4" in proc.stderr
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3

@@ -38,10 +38,12 @@ class UnlabeledPools:
     guard: list[Path] | None
 
 
-def user_images(pattern: str, key: str, on_error: str = "raise") -> list[Path]:
-    """The readable image files of a folder (its files with image suffixes, sorted) or a glob, checked by header."""
+def user_images(pattern: str, key: str, on_error: str = "raise",
+                on_error_key: str = "data.unlabeled_on_error") -> list[Path]:
+    """The readable image files of a folder (its files with image suffixes, sorted), a file or a glob, checked by
+    header before anything is done with them. ``key``/``on_error_key``: the config keys messages name."""
     if on_error not in ("raise", "skip"):
-        raise ConfigError(f"data.unlabeled_on_error={on_error!r}: expected raise or skip")
+        raise ConfigError(f"{on_error_key}={on_error!r}: expected raise or skip")
     path = Path(pattern).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -59,7 +61,7 @@ def user_images(pattern: str, key: str, on_error: str = "raise") -> list[Path]:
         bad = next(f for f in files if f in unreadable)
         if on_error == "raise":
             raise DataError(f"{key}: cannot read image {bad} (empty, corrupt or not an image); pass "
-                            "data.unlabeled_on_error=skip to skip such files")
+                            f"{on_error_key}=skip to skip such files")
         print(f"warning: {key}: skipped {len(unreadable)} unreadable file(s) of {len(files)}, "
               f"the first {bad}", file=sys.stderr)
         if not readable:
