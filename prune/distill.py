@@ -13,7 +13,6 @@ from prune.groups import ChannelGroup
 from prune.plan import PruningPlan
 
 HEAD_INPUT = ("head.binarize.conv1.weight", 1)
-_FUSED_WEIGHT = ".reparam_conv.weight"
 
 
 def kept_channels(plan: PruningPlan, groups: list[ChannelGroup], param: str, axis: int, size: int) -> list[int]:
@@ -36,14 +35,3 @@ def neck_feature_channels(plan: PruningPlan, groups: list[ChannelGroup], neck_ch
     distillation (``train.recovery.recover(feature_channels=...)``); ``neck_channels``: unpruned width."""
     param, axis = HEAD_INPUT
     return kept_channels(plan, groups, param, axis, neck_channels)
-
-
-def statistics_at_kept(statistics: dict[str, tuple[np.ndarray, np.ndarray]], plan: PruningPlan,
-                       groups: list[ChannelGroup]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The teacher's per-layer conv statistics (``train.models.training_form.conv_statistics``) restricted to the
-    output channels the student kept, for ``unfuse(student, statistics=...)``."""
-    out = {}
-    for name, (mean, var) in statistics.items():
-        keep = kept_channels(plan, groups, name + _FUSED_WEIGHT, 0, len(mean))
-        out[name] = (mean[keep], var[keep])
-    return out

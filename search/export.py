@@ -15,6 +15,7 @@ Last stdout line: `export_dir=<path> hmean=<float> flops=<int> latency_ms=<float
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -34,7 +35,7 @@ from optuna.trial import TrialState
 
 from prune.groups import discover_groups
 from prune.measure import Measurement
-from prune.plan import PruningPlan, load_pruned
+from prune.plan import PruningPlan, load_pruned, weights_hash
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_model,
                               recover_candidate)
 from search.study import (STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage,
@@ -46,14 +47,15 @@ from train.data.dataset import DetDataset
 from train.deploy_config import DeployConfig
 from train.errors import ConfigError, UserError
 from train.evaluation import evaluate_detector
-from train.inference import InferenceSession, export_inference, single_threaded
+from train.inference import InferenceSession, export_inference, exported_programs, single_threaded
 from train.metric import DetScores
 from train.recovery import RecoverySettings
 from train.runtime import seed_everything, set_device
 from train.trainer import save_weights
 from train.weights import detector_from_config
 
-FORMATS = ("pir", "legacy")
+# export.format -> program formats written (train.inference.PROGRAM_FILES); "both" loads in every client we know.
+FORMATS = {"both": ("pir", "legacy"), "pir": ("pir",), "legacy": ("legacy",)}
 METRICS_FILE = "metrics.json"
 EXPORT_WEIGHTS_FILE = "model.pdparams"  # the dygraph weights of the export (load with prune.plan.load_pruned)
 ARTIFACT_PATH = "export"
@@ -121,6 +123,13 @@ def trial_files(out_dir: Path, selected: SelectedTrial, tracker: Tracker, scratc
 
 def parity_max_abs_diff(model: paddle.nn.Layer, export_dir: Path, images: list[np.ndarray],
                         deployed: bool = False) -> float:
+    """The largest difference over every program format in `export_dir` (`_program_parity`)."""
+    return max(_program_parity(model, export_dir, images, deployed, program)
+               for program in exported_programs(export_dir))
+
+
+def _program_parity(model: paddle.nn.Layer, export_dir: Path, images: list[np.ndarray], deployed: bool,
+                    program: str) -> float:
     """Largest |Paddle Inference - dygraph| over the probability maps of `images` (CHW float32 each).
 
     By default both sides run the same plain kernels on one thread (no oneDNN, no IR fusion passes), where a
@@ -128,9 +137,10 @@ def parity_max_abs_diff(model: paddle.nn.Layer, export_dir: Path, images: list[n
     as a CPU deployment does (oneDNN, IR passes, 2 threads): float32 re-association, reported for information.
     """
     if deployed:
-        session, threads = InferenceSession(export_dir, threads=2), nullcontext()
+        session, threads = InferenceSession(export_dir, threads=2, program=program), nullcontext()
     else:
-        session, threads = InferenceSession(export_dir, threads=1, use_mkldnn=False, ir_optim=False), single_threaded()
+        session = InferenceSession(export_dir, threads=1, use_mkldnn=False, ir_optim=False, program=program)
+        threads = single_threaded()
     model.eval()
     worst = 0.0
     with paddle.no_grad(), threads:
@@ -185,6 +195,8 @@ def _check_export_config(cfg: DictConfig) -> None:
         raise ConfigError(f"export.format={cfg.export.format!r}: expected one of {list(FORMATS)}")
     if int(cfg.export.finetune.steps) < 0:
         raise ConfigError(f"export.finetune.steps={cfg.export.finetune.steps}: must be >= 0")
+    if int(cfg.export.finetune.save_every) < 0:
+        raise ConfigError(f"export.finetune.save_every={cfg.export.finetune.save_every}: must be >= 0")
 
 
 def _recovery_settings(cfg: DictConfig) -> RecoverySettings | None:
@@ -192,7 +204,7 @@ def _recovery_settings(cfg: DictConfig) -> RecoverySettings | None:
     settings = RecoverySettings(**cfg.finetune)
     if not int(cfg.export.finetune.steps):
         return None
-    settings = replace(settings, steps=int(cfg.export.finetune.steps))
+    settings = replace(settings, steps=int(cfg.export.finetune.steps), save_every=int(cfg.export.finetune.save_every))
     if not cfg.export.finetune.distill:  # labels only: the DB loss, no teacher terms
         settings = replace(settings, map_weight=0.0, feature_weight=0.0, label_weight=settings.label_weight or 1.0)
     return settings
@@ -206,7 +218,7 @@ def _write_export(model: paddle.nn.Layer, plan: PruningPlan, cfg: DictConfig, ta
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     input_size = None if cfg.export.input_size is None else tuple(cfg.export.input_size)
-    export_inference(model, partial, input_size=input_size, legacy=cfg.export.format == "legacy")
+    export_inference(model, partial, input_size=input_size, formats=FORMATS[cfg.export.format])
     DeployConfig(model_name=cfg.model.name, limit_side_len=int(cfg.data.eval.limit_side_len),
                  limit_type=str(cfg.data.eval.limit_type),
                  postprocess=OmegaConf.to_container(cfg.postprocess)).write(partial)
@@ -278,10 +290,15 @@ def main(cfg: DictConfig) -> None:
     data = load_trial_data(cfg)
     teacher = detector_from_config(cfg.model)
     steps = settings.steps if settings is not None else 0
+    resume = None
     if settings is not None:
+        # The long recovery saves its state every export.finetune.save_every steps; a rerun of the same export
+        # (same trial weights, settings and seed) resumes there, anything else starts afresh.
+        key = hashlib.sha256(json.dumps([settings.to_json(), cfg.seed, weights_hash(model)]).encode()).hexdigest()
+        resume = out_dir / "export" / f".recovery-trial-{selected.number}-{key[:12]}"
         seed_everything(cfg.seed)
         recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings, cfg.progress,
-                          unlabeled=data.unlabeled)
+                          unlabeled=data.unlabeled, checkpoint_prefix=resume / "last")
     scores: DetScores = evaluate_detector(model, data.eval_set, data.postprocess, cfg.data.eval.max_images,
                                           progress=cfg.progress)
     guard = guard_candidate(cfg, model, teacher, data)
@@ -305,6 +322,8 @@ def main(cfg: DictConfig) -> None:
                              f"{report.trial_flops}")
     (target / METRICS_FILE).write_text(json.dumps(asdict(report), indent=1) + "\n")
     version = _log_to_mlflow(tracker, cfg, selected, target, report) if selected.run_id else None
+    if resume is not None:
+        shutil.rmtree(resume, ignore_errors=True)
 
     print(f"trial {selected.number}: hmean {report.trial_hmean:.4f} in the study, {report.hmean:.4f} exported "
           f"(+{steps} recovery steps)"

@@ -121,7 +121,8 @@ def measure_model(model: paddle.nn.Layer, cfg: DictConfig) -> Measurement:
 
 def recover_candidate(student: paddle.nn.Layer, teacher: paddle.nn.Layer, plan: PruningPlan,
                       groups: list[ChannelGroup], train_set: DetDataset, settings: RecoverySettings,
-                      progress: bool = True, unlabeled: Sequence[Path] | None = None) -> FinetuneResult:
+                      progress: bool = True, unlabeled: Sequence[Path] | None = None,
+                      checkpoint_prefix: Path | None = None) -> FinetuneResult:
     """Fine-tune a pruned candidate in place (`train.recovery`), with feature distillation at the neck channels the
     plan kept, on labelled crops of `train_set` mixed with crops of the `unlabeled` images. The one
     recovery entry point of the search (trials, and a longer run before export)."""
@@ -129,7 +130,7 @@ def recover_candidate(student: paddle.nn.Layer, teacher: paddle.nn.Layer, plan: 
     if settings.feature_weight:
         channels = neck_feature_channels(plan, groups, teacher.head.binarize.conv1.weight.shape[1])
     return recover(student, teacher, train_set, settings, feature_channels=channels, progress=progress,
-                   unlabeled=unlabeled)
+                   unlabeled=unlabeled, checkpoint_prefix=checkpoint_prefix)
 
 
 def screen_candidate(model: paddle.nn.Layer, data: TrialData, settings: RecoverySettings, bn_batches: int,

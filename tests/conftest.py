@@ -79,3 +79,16 @@ def study_run(tmp_path_factory):
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db")
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     return proc, out, env, study, client
+
+
+# Fixtures whose tests start the project's commands in subprocesses (or share a study made that way).
+_SUBPROCESS_FIXTURES = {"cache_env", "study_run", "chosen_export", "scanned"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that runs a command in a subprocess, by its fixtures or a `run_cli` call."""
+    for item in items:
+        source = getattr(getattr(item, "function", None), "__code__", None)
+        calls_cli = source is not None and "run_cli" in source.co_names
+        if calls_cli or _SUBPROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

