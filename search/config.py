@@ -13,7 +13,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from prune.criteria import CRITERIA
-from prune.sensitivity import METRICS, check_ratios
+from prune.latency import check_rounds
+from prune.sensitivity import METRICS, SPLITS, check_ratios
 from train.errors import ConfigError
 
 
@@ -70,10 +71,13 @@ def check_search_config(cfg: DictConfig) -> None:
         raise ConfigError(f"search.max_failures={search.max_failures}: must be >= 1")
     check_out_dir(cfg.out_dir)
     sensitivity = cfg.sensitivity
-    if sensitivity.split not in ("train", "eval"):
-        raise ConfigError(f"sensitivity.split={sensitivity.split!r}: use train or eval")
+    if sensitivity.split not in SPLITS:
+        raise ConfigError(f"sensitivity.split={sensitivity.split!r}: use one of {', '.join(SPLITS)}")
     if sensitivity.metric not in METRICS:
         raise ConfigError(f"sensitivity.metric={sensitivity.metric!r}: known metrics are {', '.join(METRICS)}")
+    if sensitivity.split == "unlabeled" and sensitivity.metric != "map_dice":
+        raise ConfigError(f"sensitivity.metric={sensitivity.metric} needs labels: use sensitivity.split=train or "
+                          "eval, or sensitivity.metric=map_dice")
     if sensitivity.images < 1:
         raise ConfigError(f"sensitivity.images={sensitivity.images}: need at least 1 probe image")
     if sensitivity.limit_side_len < 32:
@@ -90,6 +94,7 @@ def check_search_config(cfg: DictConfig) -> None:
     for key, low in (("threads", 1), ("warmup", 0), ("runs", 1)):
         if measure[key] < low:
             raise ConfigError(f"measure.{key}={measure[key]}: must be >= {low}")
+    check_rounds(measure.min_rounds, measure.max_rounds, measure.tolerance)
     for target in search.warm_start.seed_rule_targets:
         if not 0.0 < target < 1.0:
             raise ConfigError(f"search.warm_start.seed_rule_targets: {target} is not a FLOPs reduction in (0, 1)")

@@ -37,7 +37,7 @@ from prune.groups import discover_groups
 from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned, weights_hash
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_model,
-                              recover_candidate)
+                              recover_candidate, time_against_unpruned)
 from search.study import (STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage,
                           storage_file)
 from search.app import tracker_for
@@ -176,7 +176,9 @@ class ExportReport:
     trial_flops: int
     trial_latency_ms: float
     flops_ratio: float
-    latency_ratio: float
+    latency_ratio: float  # timed interleaved with the unpruned model (prune.latency), with its 95% interval
+    latency_ratio_low: float
+    latency_ratio_high: float
     parity_max_abs_diff: float
     deployed_max_abs_diff: float
     agreement: float | None = None      # generalization guard (data.unlabeled_eval); None without guard images
@@ -306,6 +308,7 @@ def main(cfg: DictConfig) -> None:
     target, diff, deployed_diff = _write_export(model, plan, cfg, target,
                                                 parity_images(data.eval_set, cfg.export.parity.images))
     measured: Measurement = measure_model(model, cfg)
+    latency = time_against_unpruned(model, cfg)
 
     reference = Measurement.from_json(study.user_attrs[STUDY_REFERENCE])  # what the trial's ratios are relative to
     report = ExportReport(
@@ -314,7 +317,8 @@ def main(cfg: DictConfig) -> None:
         recall=scores.recall, flops=measured.flops, params=measured.params, latency_ms=measured.latency_ms,
         size_bytes=measured.size_bytes, trial_flops=int(selected.attrs["flops"]),
         trial_latency_ms=float(selected.attrs["latency_ms"]), flops_ratio=measured.flops / reference.flops,
-        latency_ratio=measured.latency_ms / reference.latency_ms, parity_max_abs_diff=diff,
+        latency_ratio=latency.ratio, latency_ratio_low=latency.low, latency_ratio_high=latency.high,
+        parity_max_abs_diff=diff,
         deployed_max_abs_diff=deployed_diff, agreement=None if guard is None else guard.agreement,
         false_boxes=None if guard is None else guard.false_boxes)
     if report.flops != report.trial_flops:  # same plan, same input size: anything else is a bug in the replay

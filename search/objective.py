@@ -1,7 +1,8 @@
 """One trial's work: prune the pretrained model by a plan, measure it, screen it, recover it, score it.
 
 1. The plan is applied to a freshly loaded pretrained model, so filters are ranked on trained weights.
-2. Cost of the inference graph: FLOPs, params, exported size, Paddle Inference CPU latency (`prune.measure`).
+2. Cost of the inference graph: FLOPs, params, exported size (`prune.measure`), and the Paddle Inference CPU
+   latency ratio to the unpruned model, timed interleaved with it (`prune.latency`).
 3. Optional cheap screening: BatchNorm statistics re-estimated on a few train batches (adaptive BN, kept for
    fine-tuning) and hmean on the first eval images; a candidate that an already screened one beats by `margin` at
    no higher cost skips fine-tuning (it is "screened out").
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune.distill import neck_feature_channels
 from prune.groups import ChannelGroup, discover_groups
+from prune.latency import LatencyRatio, latency_ratio
 from prune.measure import Measurement, measure
 from prune.plan import PruningPlan, apply_plan, make_plan
 from search.pareto import dominated_with_margin
@@ -116,7 +118,17 @@ def guard_candidate(cfg: DictConfig, student: paddle.nn.Layer, teacher: paddle.n
 
 def measure_model(model: paddle.nn.Layer, cfg: DictConfig) -> Measurement:
     """`prune.measure` with the study's input size and timing settings."""
-    return measure(model, tuple(cfg.prune.input_size), **cfg.measure)
+    m = cfg.measure
+    return measure(model, tuple(cfg.prune.input_size), threads=m.threads, warmup=m.warmup, runs=m.runs,
+                   use_mkldnn=m.use_mkldnn)
+
+
+def time_against_unpruned(model: paddle.nn.Layer, cfg: DictConfig) -> LatencyRatio:
+    """The candidate's latency ratio to the unpruned model, timed interleaved with it (`prune.latency`)."""
+    m = cfg.measure
+    return latency_ratio(model, detector_from_config(cfg.model), tuple(cfg.prune.input_size), threads=m.threads,
+                         use_mkldnn=m.use_mkldnn, warmup=m.warmup, min_rounds=m.min_rounds,
+                         max_rounds=m.max_rounds, tolerance=m.tolerance)
 
 
 def recover_candidate(student: paddle.nn.Layer, teacher: paddle.nn.Layer, plan: PruningPlan,
@@ -155,6 +167,7 @@ class TrialResult:
     plan: PruningPlan
     measurement: Measurement
     reference: Measurement
+    latency: LatencyRatio | None = None  # timed against the unpruned model; else the ratio of separate medians
     screen: DetScores | None = None
     screened_out: bool = False
     finetune: FinetuneResult | None = None
@@ -168,13 +181,19 @@ class TrialResult:
 
     @property
     def latency_ratio(self) -> float:
+        if self.latency is not None:
+            return self.latency.ratio
         return self.measurement.latency_ms / self.reference.latency_ms
 
     def cost_metrics(self) -> dict[str, float]:
         m = self.measurement
-        return {"flops": m.flops, "flops_ratio": self.flops_ratio, "flops_reduction": 1.0 - self.flops_ratio,
-                "params": m.params, "latency_ms": m.latency_ms, "latency_ratio": self.latency_ratio,
-                "speedup": 1.0 / self.latency_ratio, "size_bytes": m.size_bytes}
+        metrics = {"flops": m.flops, "flops_ratio": self.flops_ratio, "flops_reduction": 1.0 - self.flops_ratio,
+                   "params": m.params, "latency_ms": m.latency_ms, "latency_ratio": self.latency_ratio,
+                   "speedup": 1.0 / self.latency_ratio, "size_bytes": m.size_bytes}
+        if self.latency is not None:
+            metrics.update(latency_ratio_low=self.latency.low, latency_ratio_high=self.latency.high,
+                           latency_rounds=self.latency.rounds)
+        return metrics
 
     def metrics(self) -> dict[str, float]:
         """Every scalar the trial produced, under the names MLflow and the study's user attributes use."""
@@ -211,7 +230,8 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
     plan.save(out_dir / PLAN_FILE)
 
     tic = time.perf_counter()
-    result = TrialResult(plan=plan, measurement=measure_model(model, cfg), reference=reference)
+    result = TrialResult(plan=plan, measurement=measure_model(model, cfg), reference=reference,
+                         latency=time_against_unpruned(model, cfg))
     result.seconds["measure"] = time.perf_counter() - tic
     sink.log_metrics(result.cost_metrics())
 

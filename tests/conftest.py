@@ -82,7 +82,7 @@ def study_run(tmp_path_factory):
 
 
 # Fixtures whose tests start the project's commands in subprocesses (or share a study made that way).
-_SUBPROCESS_FIXTURES = {"cache_env", "study_run", "chosen_export", "scanned"}
+_SUBPROCESS_FIXTURES = {"cache_env", "study_run", "chosen_export", "scanned", "mlflow_server", "postgres"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

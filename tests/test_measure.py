@@ -26,6 +26,8 @@ from train.trainer import save_weights
 from train.weights import load_detector
 
 RESULT_LINE = re.compile(r"^flops=(\d+) params=(\d+) latency_ms=(\d+\.\d+) size_bytes=(\d+)$")
+PLAN_RESULT_LINE = re.compile(r"^flops=(\d+) params=(\d+) latency_ms=(\d+\.\d+) size_bytes=(\d+) "
+                              r"latency_ratio=(\d+\.\d+) latency_ratio_low=(\d+\.\d+) latency_ratio_high=(\d+\.\d+)$")
 # paddle.flops itself calls int() on 1-element arrays, which numpy 1.25+ deprecates.
 PADDLE_FLOPS_WARNING = "ignore:Conversion of an array with ndim > 0:DeprecationWarning"
 # Probability maps of the exported program vs the dygraph model (oneDNN may reorder float sums).
@@ -250,10 +252,12 @@ def test_cli_measures_the_pruned_model(with_weights: bool, pruned_files, ppocrv4
     args = [f"plan={plan}", *([f"weights={weights}"] if with_weights else [])]
     proc = run_cli("prune.measure", [*QUICK, *args, f"hydra.run.dir={tmp_path}"], cache_env)
     assert proc.returncode == 0, proc.stderr
-    match = RESULT_LINE.match(proc.stdout.strip().splitlines()[-1])
+    match = PLAN_RESULT_LINE.match(proc.stdout.strip().splitlines()[-1])
     assert match, proc.stdout
     assert (int(match[1]), int(match[2])) == (flops, params)
     assert flops < count_flops(ppocrv4, (64, 64)) and params < count_params(ppocrv4)
+    ratio, low, high = float(match[5]), float(match[6]), float(match[7])
+    assert 0 < low <= ratio <= high
 
 
 def test_cli_plan_of_another_model_is_one_line_error(pruned_files, tmp_path: Path, cache_env):
