@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_SYNTHETIC, run_cli
+from prune.plan import prune_model
+from train.inference import export_inference
+from train.trainer import save_weights
+from train.weights import load_detector
 
 EVAL_LINE = re.compile(r"^hmean=(\d+\.\d+) precision=(\d+\.\d+) recall=(\d+\.\d+) images=(\d+)$")
 
@@ -93,3 +97,29 @@ def test_checkpoint_of_another_model_is_one_line_error(tmp_path: Path, cache_env
     assert proc.returncode == 2
     last = _last_line(proc.stderr)
     assert last.startswith("error: ") and "finetuned.pdparams" in last
+
+
+def test_evaluate_scores_an_export_and_a_pruned_checkpoint_alike(tmp_path, cache_env):
+    """`train.evaluate export_dir=` (Paddle Inference) and `model.plan= model.checkpoint=` (dygraph) score the
+    same pruned model identically on the same kernels (the deployment's oneDNN ones move maps by ~1e-4, which can
+    move a box across a threshold); a plan with weights of another shape is the usual one-line error."""
+    model, plan = prune_model(load_detector("ppocrv4_det", "pretrained"), "ppocrv4_det",
+                              {"neck.inp_conv.0.in_conv": 0.5, "head.binarize.conv1": 0.5})
+    plan.save(tmp_path / "plan.json")
+    save_weights(model, tmp_path / "pruned.pdparams")
+    export_inference(model, tmp_path / "export", formats=("pir", "legacy"))
+    lines = {}
+    for name, args in {"export": [f"export_dir={tmp_path / 'export'}", "threads=1", "use_mkldnn=false"],
+                       "plan": [f"model.plan={tmp_path / 'plan.json'}",
+                                f"model.checkpoint={tmp_path / 'pruned.pdparams'}"]}.items():
+        proc = run_cli("train.evaluate", [*TINY_SYNTHETIC, *args, "progress=false"], cache_env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines[name] = proc.stdout.strip().splitlines()[-1]
+    assert lines["export"] == lines["plan"] and lines["plan"].startswith("hmean=")
+
+    other = tmp_path / "other.json"
+    prune_model(load_detector("ppocrv4_det", "pretrained"), "ppocrv4_det", {"head.binarize.conv1": 0.25})[1].save(other)
+    proc = run_cli("train.evaluate", [*TINY_SYNTHETIC, f"model.plan={other}",
+                                      f"model.checkpoint={tmp_path / 'pruned.pdparams'}"], cache_env)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: {tmp_path / 'pruned.pdparams'}"), proc.stderr[-2000:]

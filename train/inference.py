@@ -151,3 +151,17 @@ class InferenceSession:
         self._input.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
         self._predictor.run()
         return self._output.copy_to_cpu()
+
+
+class ExportedDetector:
+    """An exported model behind the dygraph detector's calling convention (``model(x)["maps"]``, ``eval()``), so
+    evaluation scores what a deployment runs with the same code that scores a dygraph model."""
+
+    def __init__(self, model_dir: str | Path, threads: int = 2, use_mkldnn: bool = True) -> None:
+        self.session = InferenceSession(model_dir, threads=threads, use_mkldnn=use_mkldnn)
+
+    def eval(self) -> ExportedDetector:
+        return self
+
+    def __call__(self, images: paddle.Tensor) -> dict[str, paddle.Tensor]:
+        return {"maps": paddle.to_tensor(self.session(images.numpy()))}

@@ -206,6 +206,9 @@ def detector_from_config(model_cfg: Mapping[str, Any]) -> DBDetector:
     """
     name, checkpoint = str(model_cfg["name"]), model_cfg.get("checkpoint")
     spec = model_spec(name)
+    if model_cfg.get("plan") is not None:
+        raise ConfigError(f"model.plan={model_cfg['plan']}: only python -m train.evaluate replays a plan given "
+                          "this way (the search takes trial.plan=, prune.measure plan=)")
     if checkpoint is None and not model_cfg.get("allow_random_init", False):
         hint = f" or model.checkpoint={PRETRAINED}" if spec.pretrained else ""
         raise ConfigError(f"model {name} has no weights: pass model.checkpoint=<a PaddleOCR .pdparams>{hint} "
