@@ -14,6 +14,7 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from scipy import stats
 
 from train.errors import ConfigError
 from train.inference import InferenceSession, export_inference
+
+Runner = Callable[[np.ndarray], object]  # a loaded model: Paddle Inference, onnxruntime, ...
 
 
 @dataclass(frozen=True)
@@ -62,30 +65,29 @@ def interval(log_ratios: list[float]) -> tuple[float, float, float]:
     return math.exp(mean), math.exp(mean - spread), math.exp(mean + spread)
 
 
-def _timed(session: InferenceSession, batch: np.ndarray) -> float:
+def _timed(run: Runner, batch: np.ndarray) -> float:
     start = time.perf_counter()
-    session(batch)
+    run(batch)
     return time.perf_counter() - start
 
 
-def interleaved_ratio(candidate: str | Path, reference: str | Path, input_size: tuple[int, int], threads: int = 2,
-                      use_mkldnn: bool = True, warmup: int = 3, min_rounds: int = 6, max_rounds: int = 60,
-                      tolerance: float = 0.03) -> LatencyRatio:
-    """Time the exported models in folders ``candidate`` and ``reference`` against each other (module docstring)."""
+def timed_rounds(candidate: Runner, reference: Runner, input_size: tuple[int, int], warmup: int = 3,
+                 min_rounds: int = 6, max_rounds: int = 60, tolerance: float = 0.03) -> LatencyRatio:
+    """Time two runners (a float32 NCHW batch in, anything out) against each other (module docstring)."""
     check_rounds(min_rounds, max_rounds, tolerance)
-    sessions = [InferenceSession(candidate, threads, use_mkldnn), InferenceSession(reference, threads, use_mkldnn)]
+    runners = (candidate, reference)
     # Values do not change the work done; a fixed seed keeps invocations comparable anyway.
     batch = np.random.default_rng(0).random((1, 3, *input_size), dtype=np.float32)
     for _ in range(warmup):
-        for session in sessions:
-            session(batch)
+        for run in runners:
+            run(batch)
     times: list[tuple[float, float]] = []
     logs: list[float] = []
     while True:
         first = len(times) % 2  # alternate which model runs first
         pair = [0.0, 0.0]
         for index in (first, 1 - first):
-            pair[index] = _timed(sessions[index], batch)
+            pair[index] = _timed(runners[index], batch)
         times.append((pair[0], pair[1]))
         logs.append(math.log(pair[0] / pair[1]))
         if len(logs) >= min_rounds:
@@ -95,6 +97,13 @@ def interleaved_ratio(candidate: str | Path, reference: str | Path, input_size: 
     return LatencyRatio(ratio=ratio, low=low, high=high, rounds=len(logs),
                         candidate_ms=statistics.median(t[0] for t in times) * 1000.0,
                         reference_ms=statistics.median(t[1] for t in times) * 1000.0)
+
+
+def interleaved_ratio(candidate: str | Path, reference: str | Path, input_size: tuple[int, int], threads: int = 2,
+                      use_mkldnn: bool = True, **rounds) -> LatencyRatio:
+    """``timed_rounds`` of the Paddle Inference programs exported in folders ``candidate`` and ``reference``."""
+    sessions = [InferenceSession(folder, threads, use_mkldnn) for folder in (candidate, reference)]
+    return timed_rounds(*sessions, input_size, **rounds)
 
 
 def latency_ratio(candidate: nn.Layer, reference: nn.Layer, input_size: tuple[int, int], **timing) -> LatencyRatio:

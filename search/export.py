@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from prune.groups import discover_groups
+from prune.latency import LatencyRatio, timed_rounds
 from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned, weights_hash
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_model,
@@ -48,6 +49,7 @@ from train.deploy_config import DeployConfig
 from train.errors import ConfigError, UserError
 from train.evaluation import evaluate_detector
 from train.inference import InferenceSession, export_inference, exported_programs, single_threaded
+from train.onnx import ONNX_FILE, OnnxSession, convert_to_onnx
 from train.metric import DetScores
 from train.recovery import RecoverySettings
 from train.runtime import seed_everything, set_device
@@ -181,6 +183,10 @@ class ExportReport:
     latency_ratio_high: float
     parity_max_abs_diff: float
     deployed_max_abs_diff: float
+    onnx_max_abs_diff: float | None = None  # onnxruntime vs dygraph (export.onnx); None without ONNX
+    onnx_latency_ratio: float | None = None  # onnxruntime, timed against the unpruned model's ONNX
+    onnx_latency_ratio_low: float | None = None
+    onnx_latency_ratio_high: float | None = None
     agreement: float | None = None      # generalization guard (data.unlabeled_eval); None without guard images
     false_boxes: float | None = None
 
@@ -213,9 +219,9 @@ def _recovery_settings(cfg: DictConfig) -> RecoverySettings | None:
 
 
 def _write_export(model: paddle.nn.Layer, plan: PruningPlan, cfg: DictConfig, target: Path,
-                  images: list[np.ndarray]) -> tuple[Path, float, float]:
+                  images: list[np.ndarray]) -> tuple[Path, float, float, float | None]:
     """Everything of the export into `<target>.partial`, checked, then renamed to `target`; (target, parity diff,
-    deployment-kernel diff)."""
+    deployment-kernel diff, ONNX diff or None)."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -234,9 +240,47 @@ def _write_export(model: paddle.nn.Layer, plan: PruningPlan, cfg: DictConfig, ta
     if not diff <= tolerance:
         raise ParityError(f"{partial}: Paddle Inference differs from the dygraph model by {diff:.3g} "
                           f"(> export.parity.tolerance={tolerance:g}); the export was not put in place")
+    onnx_diff = None
+    if cfg.export.onnx:
+        onnx_diff = _write_onnx(model, partial, images)
+        onnx_tolerance = float(cfg.export.parity.onnx_tolerance)
+        if not onnx_diff <= onnx_tolerance:
+            raise ParityError(f"{partial / ONNX_FILE}: onnxruntime differs from the dygraph model by {onnx_diff:.3g} "
+                              f"(> export.parity.onnx_tolerance={onnx_tolerance:g}); the export was not put in place")
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
-    return target, diff, parity_max_abs_diff(model, target, images, deployed=True)
+    return target, diff, parity_max_abs_diff(model, target, images, deployed=True), onnx_diff
+
+
+def _write_onnx(model: paddle.nn.Layer, folder: Path, images: list[np.ndarray]) -> float:
+    """`folder/inference.onnx` converted from the legacy program (saved aside first if the folder has none); the
+    largest |onnxruntime - dygraph| over `images`."""
+    with tempfile.TemporaryDirectory(prefix="onnx-") as tmp:
+        source = folder
+        if "legacy" not in exported_programs(folder):
+            source = Path(tmp)
+            export_inference(model, source, formats=("legacy",))
+        convert_to_onnx(source, folder / ONNX_FILE)
+    session = OnnxSession(folder / ONNX_FILE, threads=1)
+    model.eval()
+    worst = 0.0
+    with paddle.no_grad():
+        for image in images:
+            batch = image[None].astype(np.float32)
+            worst = max(worst, float(np.abs(session(batch) - model(paddle.to_tensor(batch))["maps"].numpy()).max()))
+    return worst
+
+
+def onnx_latency_ratio(model: paddle.nn.Layer, cfg: DictConfig, export_dir: Path) -> LatencyRatio:
+    """The exported ONNX model timed against the unpruned model's ONNX through onnxruntime (`prune.latency`)."""
+    m = cfg.measure
+    with tempfile.TemporaryDirectory(prefix="onnx-reference-") as tmp:
+        export_inference(detector_from_config(cfg.model), tmp, formats=("legacy",))
+        convert_to_onnx(tmp, Path(tmp) / ONNX_FILE)
+        reference = OnnxSession(Path(tmp) / ONNX_FILE, threads=m.threads)
+        candidate = OnnxSession(export_dir / ONNX_FILE, threads=m.threads)
+        return timed_rounds(candidate, reference, tuple(cfg.prune.input_size), warmup=m.warmup,
+                            min_rounds=m.min_rounds, max_rounds=m.max_rounds, tolerance=m.tolerance)
 
 
 def _log_to_mlflow(tracker: Tracker, cfg: DictConfig, selected: SelectedTrial, target: Path,
@@ -305,10 +349,11 @@ def main(cfg: DictConfig) -> None:
                                           progress=cfg.progress)
     guard = guard_candidate(cfg, model, teacher, data)
     del teacher
-    target, diff, deployed_diff = _write_export(model, plan, cfg, target,
-                                                parity_images(data.eval_set, cfg.export.parity.images))
+    target, diff, deployed_diff, onnx_diff = _write_export(model, plan, cfg, target,
+                                                           parity_images(data.eval_set, cfg.export.parity.images))
     measured: Measurement = measure_model(model, cfg)
     latency = time_against_unpruned(model, cfg)
+    onnx_latency = onnx_latency_ratio(model, cfg, target) if onnx_diff is not None else None
 
     reference = Measurement.from_json(study.user_attrs[STUDY_REFERENCE])  # what the trial's ratios are relative to
     report = ExportReport(
@@ -318,7 +363,10 @@ def main(cfg: DictConfig) -> None:
         size_bytes=measured.size_bytes, trial_flops=int(selected.attrs["flops"]),
         trial_latency_ms=float(selected.attrs["latency_ms"]), flops_ratio=measured.flops / reference.flops,
         latency_ratio=latency.ratio, latency_ratio_low=latency.low, latency_ratio_high=latency.high,
-        parity_max_abs_diff=diff,
+        parity_max_abs_diff=diff, onnx_max_abs_diff=onnx_diff,
+        onnx_latency_ratio=None if onnx_latency is None else onnx_latency.ratio,
+        onnx_latency_ratio_low=None if onnx_latency is None else onnx_latency.low,
+        onnx_latency_ratio_high=None if onnx_latency is None else onnx_latency.high,
         deployed_max_abs_diff=deployed_diff, agreement=None if guard is None else guard.agreement,
         false_boxes=None if guard is None else guard.false_boxes)
     if report.flops != report.trial_flops:  # same plan, same input size: anything else is a bug in the replay

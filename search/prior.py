@@ -16,6 +16,7 @@ from prune.seed_rule import SeedRulePlan, seed_rule_plan
 from prune.sensitivity import SensitivityTable, table_for_config
 from search.objective import measure_model
 from search.space import SearchSpace, build_space, cut_counts
+from train.cli import print_warning
 from train.data.source import resolve_data
 from train.errors import ConfigError
 from train.models.zoo import model_spec
@@ -83,6 +84,9 @@ def build_prior(cfg: DictConfig) -> Prior:
     always_skip = always_skip_groups(cfg)
     source = resolve_data(cfg.data, progress=cfg.progress)
     table, _ = table_for_config(cfg, model, source, groups)
+    if all(loss == 0 for row in table.losses.values() for loss in row.values()):
+        print_warning("the sensitivity table is flat (no single cut moved the probe images' map): the probe saw "
+                      "no text; raise sensitivity.images or use sensitivity.split=train")
 
     seed_table = without_groups(table, always_skip)
     plans, skipped = [], {}

@@ -54,7 +54,9 @@ N_TRIALS = 5
 TINY_SEARCH = [
     *TINY_SYNTHETIC,
     *TINY_POOL,
-    "sensitivity.images=1", "sensitivity.ratios=[0.3,0.6]", "sensitivity.limit_side_len=96",
+    # One probe image: a labelled one, as one image of the pool may be text-free (a flat table, no seed rule).
+    "sensitivity.images=1", "sensitivity.split=train", "sensitivity.ratios=[0.3,0.6]",
+    "sensitivity.limit_side_len=96",
     "finetune.steps=2", "finetune.batch_size=2", "finetune.crop_size=64", "finetune.warmup_steps=0",
     "prune.input_size=[64,64]", "measure.runs=1", "measure.warmup=0",
     "search.warm_start.seed_rule_targets=[0.3,0.5]", "search.screening.max_images=2",

@@ -19,6 +19,7 @@ from conftest import STUDY, TINY_SEARCH, run_cli
 from prune.plan import PruningPlan, load_pruned
 from search.export import ParityError, _write_export
 from train.inference import LEGACY_MODEL_FILE, PIR_MODEL_FILE, InferenceSession
+from train.onnx import ONNX_FILE, OnnxSession
 
 EXPORT_LINE = re.compile(r"^export_dir=(\S+) hmean=(\d+\.\d+) flops=(\d+) latency_ms=(\d+\.\d+)$")
 QUICK = ["export.finetune.steps=0", "export.parity.images=2"]
@@ -59,6 +60,9 @@ def test_chosen_trial_exports_with_the_trial_numbers(study_run, chosen_export):
     # No extra fine-tune: the replayed plan and weights score exactly what the trial scored.
     assert metrics["hmean"] == pytest.approx(chosen.user_attrs["hmean"], abs=1e-9)
     assert metrics["parity_max_abs_diff"] <= 1e-5
+    assert metrics["onnx_max_abs_diff"] <= 1e-4 and (folder / ONNX_FILE).is_file()
+    assert 0 < metrics["onnx_latency_ratio_low"] <= metrics["onnx_latency_ratio"] <= metrics["onnx_latency_ratio_high"]
+    assert 0 < metrics["latency_ratio_low"] <= metrics["latency_ratio"] <= metrics["latency_ratio_high"]
     assert PruningPlan.load(folder / "plan.json") == PruningPlan.load(out / "trials" / str(chosen.number) / "plan.json")
 
 
@@ -69,6 +73,9 @@ def test_export_reloads_in_another_process_and_predicts_like_the_pruned_model(ch
     with paddle.no_grad():
         expected = model(paddle.to_tensor(x))["maps"].numpy()
     assert np.abs(InferenceSession(folder, use_mkldnn=False)(x) - expected).max() <= 1e-5
+    for program in ("pir", "legacy"):
+        assert np.abs(InferenceSession(folder, use_mkldnn=False, program=program)(x) - expected).max() <= 1e-5
+    assert np.abs(OnnxSession(folder / ONNX_FILE)(x) - expected).max() <= 1e-4
 
 
 def test_export_is_an_artifact_of_the_trial_run_and_a_registered_model(study_run, chosen_export):

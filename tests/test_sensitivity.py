@@ -9,10 +9,12 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 
-from conftest import TINY_SYNTHETIC, run_cli
+from conftest import TINY_POOL, TINY_SYNTHETIC, run_cli
 from prune.groups import discover_groups
 from prune.sensitivity import (
+    probe_images,
     MapDiceProbe,
     SensitivityKey,
     SensitivityTable,
@@ -22,6 +24,8 @@ from prune.sensitivity import (
     sensitivity_key,
 )
 from train.data.dataset import build_split
+from train.data.source import resolve_data
+from train.data.unlabeled import resolve_unlabeled
 from train.data.synthetic import SyntheticSpec, ensure_synthetic_dataset, label_path
 from train.errors import ConfigError
 from train.weights import load_detector
@@ -142,8 +146,8 @@ def test_bad_ratio_grids_are_rejected(setup, ratios):
 
 
 def test_cli_writes_table_and_plot_and_reuses_cache(tmp_path: Path, cache_env):
-    args = [*TINY_SYNTHETIC, "sensitivity.images=1", "sensitivity.ratios=[0.5]", "sensitivity.limit_side_len=96",
-            f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [*TINY_SYNTHETIC, *TINY_POOL, "sensitivity.images=1", "sensitivity.ratios=[0.5]",
+            "sensitivity.limit_side_len=96", f"hydra.run.dir={tmp_path / 'run'}"]
     proc = run_cli("prune.sensitivity", args, cache_env)
     assert proc.returncode == 0, proc.stderr
     match = re.fullmatch(r"table=(\S+) plot=(\S+)", proc.stdout.strip().splitlines()[-1])
@@ -156,3 +160,25 @@ def test_cli_writes_table_and_plot_and_reuses_cache(tmp_path: Path, cache_env):
     proc = run_cli("prune.sensitivity", args, cache_env)
     assert proc.returncode == 0, proc.stderr
     assert "sensitivity:" not in proc.stderr  # no progress bar: everything came from the cache
+
+
+def _probe_config(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return compose("prune_sensitivity", overrides=[*TINY_SYNTHETIC, *TINY_POOL, "progress=false",
+                                                       f"data.cache_dir={tmp_path / 'synthetic'}",
+                                                       f"data.pool_cache_dir={tmp_path / 'pool'}", *overrides])
+
+
+def test_the_default_probe_spreads_over_the_unlabelled_pool(tmp_path: Path):
+    cfg = _probe_config(tmp_path, "sensitivity.images=3")
+    assert cfg.sensitivity.split == "unlabeled"
+    source = resolve_data(cfg.data, progress=False)
+    probe = probe_images(cfg, source, "unlabeled", "map_dice", 3, (96, "max"))
+    pool = resolve_unlabeled(cfg.data, progress=False).recovery
+    assert [item.image_path for item in probe.items] == [pool[0], pool[2], pool[4]]  # 6 images, every second
+    assert probe.mode == "eval" and all(not item.regions for item in probe.items)
+    with pytest.raises(ConfigError, match="sensitivity.metric=hmean needs labels"):
+        probe_images(cfg, source, "unlabeled", "hmean", 3, (96, "max"))
+    none = _probe_config(tmp_path, "data.unlabeled=null")
+    with pytest.raises(ConfigError, match="sensitivity.split=unlabeled needs the recovery images"):
+        probe_images(none, source, "unlabeled", "map_dice", 3, (96, "max"))
