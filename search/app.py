@@ -120,6 +120,15 @@ def _run_tracked(run: RunLogger, cfg: DictConfig, out_dir: Path, data: TrialData
     return result
 
 
+def run_title(number: int, result: TrialResult) -> str:
+    """A trial run's name with its key figures, so the UI's run list reads like the Pareto table:
+    `trial-5 h=0.832 f=0.48 a=0.61` (hmean, FLOPs ratio, teacher agreement) or `trial-7 screened f=0.60`."""
+    if result.screened_out or result.scores is None:
+        return f"trial-{number} screened f={result.flops_ratio:.2f}"
+    title = f"trial-{number} h={result.scores.hmean:.3f} f={result.flops_ratio:.2f}"
+    return title if result.guard is None else f"{title} a={result.guard.agreement:.2f}"
+
+
 def release_freed_memory() -> None:
     """Hand memory a finished trial freed back to the OS.
 
@@ -166,6 +175,7 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
                               cost_metric=cost_metric)
     finally:
         release_freed_memory()
+    run.rename(run_title(spec.number, result))
     # A launcher's job can outlive its worker (a SLURM job after the sweeper's host was lost): once another worker
     # gave the trial up as stale, its run must not stay FINISHED beside a failed trial.
     trial = study.get_trials(deepcopy=False)[spec.number]

@@ -36,6 +36,7 @@ from prune.measure import Measurement, measure
 from prune.plan import PruningPlan, apply_plan, make_plan
 from search.pareto import dominated_with_margin
 from search.space import cut_counts
+from search.tracking import DatasetRecord, files_digest
 from train.agreement import AgreementScores, agreement_scores
 from train.data.dataset import DetDataset, endless_batches
 from train.data.source import build_dataset, resolve_data
@@ -66,6 +67,23 @@ class TrialData:
     postprocess: DBPostProcess
     unlabeled: list[Path] | None = None       # recovery's unlabelled pool (data.unlabeled)
     guard_set: DetDataset | None = None       # the generalization guard's images (data.unlabeled_eval)
+
+
+def study_datasets(data: TrialData) -> list[DatasetRecord]:
+    """The study's datasets as MLflow inputs: labelled splits digested with their labels, pools by their files."""
+    def labelled(name: str, dataset: DetDataset, context: str) -> DatasetRecord:
+        items = dataset.items
+        labels = json.dumps([[str(i.image_path.name), [r.points.tolist() for r in i.regions]] for i in items])
+        folder = Path(os.path.commonpath([str(i.image_path.parent) for i in items]))
+        return DatasetRecord(name, folder, files_digest([i.image_path for i in items], labels), context)
+
+    records = [labelled("train", data.train_set, "train"), labelled("eval", data.eval_set, "eval")]
+    for name, paths in (("unlabeled", data.unlabeled),
+                        ("guard", None if data.guard_set is None else [i.image_path for i in data.guard_set.items])):
+        if paths:
+            folder = Path(os.path.commonpath([str(Path(p).parent) for p in paths]))
+            records.append(DatasetRecord(name, folder, files_digest(paths), name))
+    return records
 
 
 def load_trial_data(cfg: DictConfig) -> TrialData:

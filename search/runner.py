@@ -28,7 +28,7 @@ from search.app import TrialFailed, TrialOutcome, tracker_for
 from search.heartbeat import Heartbeat, Liveness, worker_id
 from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, objectives,
                            study_constraints, task_config)
-from search.objective import load_trial_data
+from search.objective import load_trial_data, study_datasets
 from search.pareto import Selection, format_front, pareto_front, plot_front, select
 from search.pareto import write_csv as write_records
 from search.prior import Prior, always_skip_groups, build_prior, check_always_skip
@@ -251,6 +251,7 @@ class StudyRunner:
                                                           "storage": mask_url(str(cfg.storage.get("url", "")))})
         self.study.set_user_attr(STUDY_PARENT_RUN, parent.run_id)
         parent.log_params(_masked(flat_config(cfg)))
+        parent.log_datasets(study_datasets(load_trial_data(cfg)))
         self._log_prior(parent, prior)
         count = enqueue_warm_start(self.study, warm_start_trials(prior, cfg.search.warm_start.unpruned))
         self.study.set_user_attr(STUDY_REFERENCE, prior.reference.to_json())
@@ -442,6 +443,12 @@ class StudyRunner:
             self.parent.log_artifact(path)
         self.parent.set_tags({"chosen_trial": chosen.record.number, "chosen_run_id": chosen.record.run_id,
                               "n_finished": count_finished(self.study)})
+        self.parent.describe(
+            f"Chosen: **trial {chosen.record.number}** ({chosen.reason}). Pareto front "
+            f"({len(front)} of {len(records)} complete trials): artifacts `pareto.png`, `pareto.csv`; every trial: "
+            f"`trials.csv`. The trials are this run's nested runs, named `trial-<n> h=<hmean> f=<FLOPs ratio> "
+            f"a=<teacher agreement>`; tags `pareto` and `chosen` mark the front.\n\n```\n"
+            f"{format_front(front, chosen.record.number)}\n```")
         self.parent.end("FINISHED")
 
         print(f"Pareto front of study {self.name!r} ({len(front)} of {len(records)} complete trials):")

@@ -8,17 +8,21 @@ scatter).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import requests
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+MLFLOW_NOTE = "mlflow.note.content"  # a run's description in the UI
 
 from search.study import mask_url
 from train.errors import ConfigError
@@ -72,6 +76,42 @@ class RunLogger:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+    def rename(self, name: str) -> None:
+        """The run's name in the UI's run list (e.g. a trial's key figures once it finished)."""
+        self.set_tags({MLFLOW_RUN_NAME: name})
+
+    def describe(self, markdown: str) -> None:
+        """The run's description (the UI's Overview tab shows it as markdown)."""
+        self.set_tags({MLFLOW_NOTE: markdown})
+
+    def log_datasets(self, datasets: Sequence[DatasetRecord]) -> None:
+        """Datasets as MLflow inputs of the run (name, where it is, digest, what it is used for)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        inputs = [DatasetInput(MetaDataset(source=resolve_dataset_source(str(d.path)), name=d.name,
+                                           digest=d.digest)._to_mlflow_entity(),
+                               tags=[InputTag("mlflow.data.context", d.context)]) for d in datasets]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One dataset a study uses, for the MLflow run's inputs."""
+
+    name: str
+    path: Path
+    digest: str
+    context: str  # train, eval, unlabeled, guard
+
+
+def files_digest(paths: Sequence[Path], extra: str = "") -> str:
+    """A digest of a file list by names and sizes (cheap: no file is read), plus `extra` (e.g. the labels)."""
+    digest = hashlib.sha256(extra.encode())
+    for path in paths:
+        digest.update(f"{Path(path).name}:{Path(path).stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 @contextmanager

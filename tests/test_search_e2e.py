@@ -78,7 +78,7 @@ def test_mlflow_has_one_parent_and_one_comparable_child_per_trial(study_run):
     assert {"sampler", "skip_set", "trial_number", "baseline"} <= set(params)
     assert params["sampler"] == "TPESampler"
     assert sum(k.startswith("ratio:") for k in params) == 36                # every prunable group of ppocrv4_det
-    assert "backbone.conv1.conv" in params["skip_set"].split(",")         # the default always-skip stem
+    assert "backbone.conv1.conv" in params["skip_set"].split(",")         # the model's stem, kept whole
     for t in study.trials:
         run = by_number[t.number]
         assert run.info.run_id == t.user_attrs["mlflow_run_id"] and run.info.status == "FINISHED"
@@ -101,6 +101,28 @@ def test_mlflow_has_one_parent_and_one_comparable_child_per_trial(study_run):
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"prior", "pareto.csv", "pareto.png"}
     prior = {a.path for a in client.list_artifacts(parent.info.run_id, "prior")}
     assert {"prior/sensitivity.csv", "prior/sensitivity.png", "prior/seed_rule_30.json", "prior/space.json"} <= prior
+
+
+def test_the_mlflow_ui_reads_like_the_pareto_table(study_run):
+    """Trial runs named with their key figures, the parent run described with the front and its plot, and the
+    study's datasets as inputs of the parent run, with digests."""
+    _, _, _, study, client = study_run
+    parent, children = _runs(client)
+    for child in children:
+        number = int(child.data.params["trial_number"])
+        trial = study.trials[number]
+        name = child.data.tags["mlflow.runName"]
+        if trial.state == TrialState.COMPLETE:
+            assert name == (f"trial-{number} h={trial.user_attrs['hmean']:.3f} f={trial.user_attrs['flops_ratio']:.2f}"
+                            f" a={trial.user_attrs['agreement']:.2f}")
+        else:
+            assert name == f"trial-{number} screened f={trial.user_attrs['flops_ratio']:.2f}"
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(f"Chosen: **trial {study.user_attrs['chosen_trial']}**") and "pareto.png" in note
+    inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "eval", "unlabeled", "guard"}
+    assert {d.tags[0].value for d in inputs.values()} == {"train", "eval", "unlabeled", "guard"}
+    assert all(len(d.dataset.digest) == 16 for d in inputs.values())
 
 
 def test_pareto_and_chosen_tags_mark_exactly_the_front(study_run):
