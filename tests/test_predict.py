@@ -21,6 +21,7 @@ from train.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from train.deploy_config import DeployConfig, read_deploy_config
 from train.errors import ConfigError
 from train.inference import PROGRAM_FILES, InferenceSession, export_inference, exported_programs
+from train.onnx import ONNX_FILE, convert_to_onnx
 from train.weights import load_detector
 
 TINY = SyntheticSpec(n_train=0, n_eval=3, width_range=(160, 192), height_range=(160, 192), lines_range=(1, 2),
@@ -127,4 +128,16 @@ def test_rapidocr_reads_text_with_an_exported_detector(tmp_path: Path):
 
     export_inference(load_detector("ppocrv4_det", "pretrained"), tmp_path, formats=("pir", "legacy"))
     result, _ = RapidOCR(det_model_path=str(tmp_path))(_text_image())
+    assert [line[1] for line in result or []][-2:] == ["MODELS", "read 2026 text"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("rapidocr_onnxruntime") is None,
+                    reason="rapidocr-onnxruntime is not installed")
+def test_rapidocr_onnxruntime_reads_text_with_an_exported_onnx_detector(tmp_path: Path):
+    """RapidOCR's default engine, onnxruntime, with the export's `inference.onnx` as its detector."""
+    from rapidocr_onnxruntime import RapidOCR
+
+    export_inference(load_detector("ppocrv4_det", "pretrained"), tmp_path, formats=("legacy",))
+    onnx = convert_to_onnx(tmp_path, tmp_path / ONNX_FILE)
+    result, _ = RapidOCR(det_model_path=str(onnx))(_text_image())
     assert [line[1] for line in result or []][-2:] == ["MODELS", "read 2026 text"]
