@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from prune.criteria import CRITERIA
 from prune.latency import check_rounds
 from prune.sensitivity import METRICS, SPLITS, check_ratios
+from search.workers import resolve_workers
 from train.errors import ConfigError
 
 
@@ -67,6 +68,7 @@ def check_search_config(cfg: DictConfig) -> None:
     objectives(list(search.objectives))
     if search.n_trials < 1:
         raise ConfigError(f"search.n_trials={search.n_trials}: must be >= 1")
+    resolve_workers(search.workers)
     if search.max_failures < 1:
         raise ConfigError(f"search.max_failures={search.max_failures}: must be >= 1")
     check_out_dir(cfg.out_dir)

@@ -15,6 +15,7 @@
    is `chosen_trial=<n> hmean=<f> flops_ratio=<f> latency_ratio=<f> run_id=<id>`.
 
 Rerunning the same command resumes: `n_trials` is the study's total, so a finished study only prints its summary.
+`search.workers` (default `auto`: one per core) runs that many local workers of the command (`search.workers`).
 Running it several times at once (on one host with `storage=journal`, on many with `storage=postgres`) shares the
 study's budget among the workers.
 
@@ -23,6 +24,7 @@ this repository starts; the heavy imports (Paddle, Optuna, MLflow) therefore hap
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -65,12 +67,28 @@ class OptunaAskTellSweeper(Sweeper):
     @exit_on_user_error
     def sweep(self, arguments: List[str]) -> Any:
         from search.runner import StudyRunner  # heavy imports, see the module docstring
+        from search.workers import resolve_workers, start_helpers, stop_helpers, usable_cores, wait_helpers
+        from train.inference import set_dygraph_threads
 
         assert self.config is not None and self.launcher is not None
         self._reject_sweep_syntax(arguments)
         runner = StudyRunner(self.config)
         runner.prepare()
-        runner.run(lambda numbers, overrides: self._launch(arguments, numbers, overrides), self.batch_size)
+        search = self.config.search
+        helpers = []
+        if not search.helper:  # the primary: the study exists now, with its prior
+            workers = resolve_workers(search.workers)
+            threads = max(1, usable_cores() // workers)
+            set_dygraph_threads(threads)
+            helpers = start_helpers(workers - 1, arguments, Path(self.config.out_dir), threads)
+        try:
+            runner.run(lambda numbers, overrides: self._launch(arguments, numbers, overrides), self.batch_size)
+        except BaseException:
+            stop_helpers(helpers)
+            raise
+        wait_helpers(helpers)
+        if search.helper:
+            return None
         return runner.finish()
 
     def _launch(self, arguments: Sequence[str], numbers: Sequence[int],

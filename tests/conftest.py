@@ -61,6 +61,7 @@ TINY_SEARCH = [
     "prune.input_size=[64,64]", "measure.runs=1", "measure.warmup=0",
     "search.warm_start.seed_rule_targets=[0.3,0.5]", "search.screening.max_images=2",
     "search.screening.bn_batches=0", "search.screening.margin=0", "progress=false",
+    "search.workers=1",  # one process per study here; test_search_cli runs the parallel default
     f"search.study_name={STUDY}",
 ]
 

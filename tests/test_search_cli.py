@@ -11,6 +11,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import run_cli
+from search.workers import resolve_workers
+from train.errors import ConfigError
 from test_search_e2e import TINY_SEARCH
 
 
@@ -75,3 +77,31 @@ def test_the_other_zoo_models_refuse_random_weights_and_search_with_them_allowed
     stem = "backbone.conv.conv"
     for trial in study.trials:
         assert json.loads(trial.user_attrs.get("ratios", "{}")).get(stem, 0.0) == 0.0, "the stem was cut"
+
+
+def test_local_workers_share_the_study(tmp_path, cache_env):
+    """`search.workers=2`: the command starts one helper worker; both run trials of the one study (SQLite storage)
+    and the budget is met exactly, with one summary."""
+    out = tmp_path / "study"
+    proc = run_cli("search", ["multirun", *TINY_SEARCH, "search.workers=2", "search.n_trials=6",
+                              f"out_dir={out}"], cache_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("chosen_trial=")
+    assert proc.stdout.count("Pareto front of study") == 1
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out}/optuna.db")
+    finished = [t for t in study.trials if t.state.is_finished() and t.state != TrialState.FAIL]
+    assert len(finished) == 6
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2, "one worker ran every trial"
+    assert (out / "workers" / "helper-1.log").is_file()
+
+
+@pytest.mark.parametrize("setting, cores, memory, expected", [
+    ("auto", 2, 24 << 30, 2), ("auto", 32, 24 << 30, 8), ("auto", 1, 1 << 30, 1), ("3", 2, 1 << 30, 3)])
+def test_workers_setting(setting, cores, memory, expected):
+    assert resolve_workers(setting, cores=cores, memory=memory) == expected
+
+
+@pytest.mark.parametrize("setting", ["0", "-1", "many"])
+def test_bad_workers_setting_names_the_key(setting):
+    with pytest.raises(ConfigError, match=f"search.workers={setting}: a count >= 1 or auto"):
+        resolve_workers(setting)

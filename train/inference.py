@@ -71,6 +71,12 @@ def _fresh_struct_names() -> Iterator[None]:
         framework._name_struct = saved
 
 
+def set_dygraph_threads(threads: int) -> None:
+    """Threads of this process's dygraph CPU kernels from now on (and of processes it starts)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    paddle.base.core.set_num_threads(threads)
+
+
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """Dygraph CPU kernels on one thread for the block (then the process's OMP_NUM_THREADS again).
