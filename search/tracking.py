@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 MLFLOW_NOTE = "mlflow.note.content"  # a run's description in the UI
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's "Model training"
 
 from search.study import mask_url
 from train.errors import ConfigError
@@ -161,13 +162,17 @@ class Tracker:
         """Id of the study's experiment, created on first use (with the configured artifact location)."""
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
+            if EXPERIMENT_KIND not in found.tags:  # made before the kind was set
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
             return found.experiment_id
         location = None
         if self.artifact_location:
             Path(self.artifact_location).mkdir(parents=True, exist_ok=True)
             location = Path(self.artifact_location).resolve().as_uri()
+        # MLflow 3's UI opens an experiment of unknown kind in its GenAI (traces) view; a study is model training.
+        tags = {EXPERIMENT_KIND: MODEL_TRAINING}
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=location)
+            return self.client.create_experiment(self.experiment, artifact_location=location, tags=tags)
         except MlflowException:
             # Another worker created it between the lookup and the create.
             return self.client.get_experiment_by_name(self.experiment).experiment_id

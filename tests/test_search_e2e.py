@@ -117,6 +117,8 @@ def test_the_mlflow_ui_reads_like_the_pareto_table(study_run):
                             f" a={trial.user_attrs['agreement']:.2f}")
         else:
             assert name == f"trial-{number} screened f={trial.user_attrs['flops_ratio']:.2f}"
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens in "Model training"
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith(f"Chosen: **trial {study.user_attrs['chosen_trial']}**") and "pareto.png" in note
     inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
