@@ -24,6 +24,8 @@ this repository starts; the heavy imports (Paddle, Optuna, MLflow) therefore hap
 """
 from __future__ import annotations
 
+import resource
+import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
@@ -37,6 +39,12 @@ from omegaconf import DictConfig
 
 from train.cli import exit_on_user_error
 from train.errors import ConfigError
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that ended (the helper workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 class OptunaAskTellSweeper(Sweeper):
@@ -72,6 +80,7 @@ class OptunaAskTellSweeper(Sweeper):
 
         assert self.config is not None and self.launcher is not None
         self._reject_sweep_syntax(arguments)
+        started = time.perf_counter(), _cpu_seconds()
         runner = StudyRunner(self.config)
         runner.prepare()
         search = self.config.search
@@ -89,6 +98,9 @@ class OptunaAskTellSweeper(Sweeper):
         wait_helpers(helpers)
         if search.helper:
             return None
+        wall = time.perf_counter() - started[0]
+        print(f"cpu: {(_cpu_seconds() - started[1]) / wall:.2f} cores busy on average over {wall / 60:.1f} min "
+              f"(this command and its {len(helpers)} helper worker(s))", flush=True)
         return runner.finish()
 
     def _launch(self, arguments: Sequence[str], numbers: Sequence[int],

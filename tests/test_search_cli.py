@@ -4,6 +4,7 @@ goes on until `search.max_failures`."""
 from __future__ import annotations
 
 import json
+import re
 
 import optuna
 import pytest
@@ -88,6 +89,8 @@ def test_local_workers_share_the_study(tmp_path, cache_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("chosen_trial=")
     assert proc.stdout.count("Pareto front of study") == 1
+    assert re.search(r"^cpu: \d+\.\d\d cores busy on average over \d+\.\d min \(this command and its 1 helper",
+                     proc.stdout, re.M)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out}/optuna.db")
     finished = [t for t in study.trials if t.state.is_finished() and t.state != TrialState.FAIL]
     assert len(finished) == 6
