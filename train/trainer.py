@@ -19,6 +19,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from train.errors import UserError
 from train.schedule import warmup_cosine
 from train.weights import strip_backup_keys
 
@@ -29,8 +30,9 @@ class LossFn(Protocol):
     def __call__(self, predicts: Mapping[str, paddle.Tensor], batch: Batch) -> Mapping[str, paddle.Tensor]: ...
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the weights are no longer usable."""
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the weights are no longer usable. A setting the user can change (the
+    learning rate, the data), not a bug: a trial that diverges fails with this reason, not as a crash."""
 
 
 @dataclass
