@@ -98,11 +98,12 @@ def test_selection_by_trial_number_and_by_run_id_agree(study_run, tmp_path):
     trial = next(t for t in study.trials if t.user_attrs.get("baseline") == "seed_rule"
                  and t.state == TrialState.COMPLETE)
     by_number, metrics = exported(export(study_run, f"trial={trial.number}", "export.format=legacy",
+                                         "export.onnx=false",
                                          f"export.dir={tmp_path / 'by-number'}", "export.register.enabled=false"))
     assert metrics["trial"] == trial.number and metrics["format"] == "legacy"
     assert (by_number / LEGACY_MODEL_FILE).is_file() and not (by_number / PIR_MODEL_FILE).exists()
     # Two more recovery steps before export: counted, and the weights moved.
-    by_run, again = exported(export(study_run, f"run_id={trial.user_attrs['mlflow_run_id']}",
+    by_run, again = exported(export(study_run, f"run_id={trial.user_attrs['mlflow_run_id']}", "export.onnx=false",
                                     f"export.dir={tmp_path / 'by-run'}", "export.finetune.steps=2",
                                     "export.register.enabled=false"))
     assert again["trial"] == trial.number and again["finetune_steps"] == 2 and again["flops"] == metrics["flops"]

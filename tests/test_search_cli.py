@@ -69,12 +69,12 @@ def test_the_other_zoo_models_refuse_random_weights_and_search_with_them_allowed
     assert not list(tmp_path.rglob("*.db"))
 
     proc = run_cli("search", ["multirun", *TINY_SEARCH, f"model={model}", "model.allow_random_init=true",
-                              "search.n_trials=3", "search.warm_start.seed_rule_targets=[0.3]",
+                              "search.n_trials=2", "search.warm_start.seed_rule_targets=[0.3]",
                               "search.select.min_agreement=null", f"out_dir={out}"], cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("chosen_trial=")
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out}/optuna.db")
-    assert sum(t.state.is_finished() for t in study.trials) == 3
+    assert sum(t.state.is_finished() for t in study.trials) == 2  # the unpruned model and the seed rule's plan
     stem = "backbone.conv.conv"
     for trial in study.trials:
         assert json.loads(trial.user_attrs.get("ratios", "{}")).get(stem, 0.0) == 0.0, "the stem was cut"
@@ -84,8 +84,8 @@ def test_local_workers_share_the_study(tmp_path, cache_env):
     """`search.workers=2`: the command starts one helper worker; both run trials of the one study (SQLite storage)
     and the budget is met exactly, with one summary."""
     out = tmp_path / "study"
-    proc = run_cli("search", ["multirun", *TINY_SEARCH, "search.workers=2", "search.n_trials=6",
-                              f"out_dir={out}"], cache_env)
+    proc = run_cli("search", ["multirun", *TINY_SEARCH, "search.workers=2", "search.n_trials=5",
+                              "search.warm_start.seed_rule_targets=[0.3]", f"out_dir={out}"], cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("chosen_trial=")
     assert proc.stdout.count("Pareto front of study") == 1
@@ -93,7 +93,7 @@ def test_local_workers_share_the_study(tmp_path, cache_env):
                      proc.stdout, re.M)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out}/optuna.db")
     finished = [t for t in study.trials if t.state.is_finished() and t.state != TrialState.FAIL]
-    assert len(finished) == 6
+    assert len(finished) == 5
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2, "one worker ran every trial"
     assert (out / "workers" / "helper-1.log").is_file()
 
