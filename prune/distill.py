@@ -7,8 +7,6 @@ passthroughs and the head's input alike.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from prune.groups import ChannelGroup
 from prune.plan import PruningPlan
 

@@ -14,9 +14,10 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from paddle import nn
@@ -55,6 +56,12 @@ def check_rounds(min_rounds: int, max_rounds: int, tolerance: float, key: str = 
         raise ConfigError(f"{key}.max_rounds={max_rounds}: must be >= {key}.min_rounds={min_rounds}")
     if not 0.0 < tolerance < 1.0:
         raise ConfigError(f"{key}.tolerance={tolerance}: must be in (0, 1)")
+
+
+def round_settings(measure: Mapping[str, Any]) -> dict[str, Any]:
+    """The warm-up and round settings of a `measure` config node, as `timed_rounds` takes them (checked)."""
+    check_rounds(measure["min_rounds"], measure["max_rounds"], measure["tolerance"])
+    return {key: measure[key] for key in ("warmup", "min_rounds", "max_rounds", "tolerance")}
 
 
 def interval(log_ratios: list[float]) -> tuple[float, float, float]:

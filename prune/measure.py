@@ -50,7 +50,7 @@ import paddle
 from omegaconf import DictConfig
 from paddle import nn
 
-from prune.latency import check_rounds, latency_ratio
+from prune.latency import latency_ratio, round_settings
 from prune.plan import PruningPlan, apply_plan, load_pruned
 from train.cli import exit_on_user_error, print_result_line, run_app
 from train.errors import CheckpointError, ConfigError
@@ -282,19 +282,18 @@ def load_measured_model(name: str, checkpoint: str | None, plan: str | None, wei
 def main(cfg: DictConfig) -> None:
     check_input_size(cfg.measure.input_size, key="measure.input_size")
     settings = cfg.measure
-    check_rounds(settings.min_rounds, settings.max_rounds, settings.tolerance)
+    rounds = round_settings(settings)
     model = load_measured_model(cfg.model.name, cfg.model.checkpoint, cfg.plan, cfg.weights)
     result = measure(model, input_size=tuple(settings.input_size), threads=settings.threads,
                      warmup=settings.warmup, runs=settings.runs, use_mkldnn=settings.use_mkldnn)
     line = result.result_line()
     if cfg.plan is not None:  # a pruned model: its latency ratio, timed interleaved with the unpruned one
         ratio = latency_ratio(model, load_detector(cfg.model.name, cfg.model.checkpoint), tuple(settings.input_size),
-                              threads=settings.threads, use_mkldnn=settings.use_mkldnn, warmup=settings.warmup,
-                              min_rounds=settings.min_rounds, max_rounds=settings.max_rounds,
-                              tolerance=settings.tolerance)
+                              threads=settings.threads, use_mkldnn=settings.use_mkldnn, **rounds)
         print(f"latency ratio {ratio.ratio:.3f} (95% interval {ratio.low:.3f}-{ratio.high:.3f}, {ratio.rounds} "
               f"rounds; {ratio.candidate_ms:.2f} vs {ratio.reference_ms:.2f} ms)")
-        line += f" latency_ratio={ratio.ratio:.4f} latency_ratio_low={ratio.low:.4f} latency_ratio_high={ratio.high:.4f}"
+        line += (f" latency_ratio={ratio.ratio:.4f} latency_ratio_low={ratio.low:.4f}"
+                 f" latency_ratio_high={ratio.high:.4f}")
     print_result_line(line)
 
 

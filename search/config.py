@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune.criteria import CRITERIA
 from prune.latency import check_rounds
-from prune.sensitivity import METRICS, SPLITS, check_ratios
+from prune.sensitivity import check_settings as check_sensitivity_settings
 from search.workers import resolve_workers
 from train.errors import ConfigError
 
@@ -72,19 +72,7 @@ def check_search_config(cfg: DictConfig) -> None:
     if search.max_failures < 1:
         raise ConfigError(f"search.max_failures={search.max_failures}: must be >= 1")
     check_out_dir(cfg.out_dir)
-    sensitivity = cfg.sensitivity
-    if sensitivity.split not in SPLITS:
-        raise ConfigError(f"sensitivity.split={sensitivity.split!r}: use one of {', '.join(SPLITS)}")
-    if sensitivity.metric not in METRICS:
-        raise ConfigError(f"sensitivity.metric={sensitivity.metric!r}: known metrics are {', '.join(METRICS)}")
-    if sensitivity.split == "unlabeled" and sensitivity.metric != "map_dice":
-        raise ConfigError(f"sensitivity.metric={sensitivity.metric} needs labels: use sensitivity.split=train or "
-                          "eval, or sensitivity.metric=map_dice")
-    if sensitivity.images < 1:
-        raise ConfigError(f"sensitivity.images={sensitivity.images}: need at least 1 probe image")
-    if sensitivity.limit_side_len < 32:
-        raise ConfigError(f"sensitivity.limit_side_len={sensitivity.limit_side_len}: must be >= 32")
-    check_ratios(sensitivity.ratios)
+    check_sensitivity_settings(cfg.sensitivity)
     prune = cfg.prune
     if prune.criterion not in CRITERIA:
         raise ConfigError(f"prune.criterion={prune.criterion!r}: known criteria are {', '.join(CRITERIA)}")

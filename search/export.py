@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from prune.groups import discover_groups
-from prune.latency import LatencyRatio, timed_rounds
+from prune.latency import LatencyRatio, Runner, round_settings, timed_rounds
 from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned, weights_hash
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_model,
@@ -143,13 +143,19 @@ def _program_parity(model: paddle.nn.Layer, export_dir: Path, images: list[np.nd
     else:
         session = InferenceSession(export_dir, threads=1, use_mkldnn=False, ir_optim=False, program=program)
         threads = single_threaded()
+    with threads:
+        return _max_abs_diff(model, session, images)
+
+
+def _max_abs_diff(model: paddle.nn.Layer, run: Runner, images: list[np.ndarray]) -> float:
+    """Largest |run(image) - model(image)| over the probability maps of `images` (CHW float32 each)."""
     model.eval()
     worst = 0.0
-    with paddle.no_grad(), threads:
+    with paddle.no_grad():
         for image in images:
             batch = image[None].astype(np.float32)
             expected = model(paddle.to_tensor(batch))["maps"].numpy()
-            worst = max(worst, float(np.abs(session(batch) - expected).max()))
+            worst = max(worst, float(np.abs(run(batch) - expected).max()))
     return worst
 
 
@@ -261,26 +267,18 @@ def _write_onnx(model: paddle.nn.Layer, folder: Path, images: list[np.ndarray]) 
             source = Path(tmp)
             export_inference(model, source, formats=("legacy",))
         convert_to_onnx(source, folder / ONNX_FILE)
-    session = OnnxSession(folder / ONNX_FILE, threads=1)
-    model.eval()
-    worst = 0.0
-    with paddle.no_grad():
-        for image in images:
-            batch = image[None].astype(np.float32)
-            worst = max(worst, float(np.abs(session(batch) - model(paddle.to_tensor(batch))["maps"].numpy()).max()))
-    return worst
+    return _max_abs_diff(model, OnnxSession(folder / ONNX_FILE, threads=1), images)
 
 
-def onnx_latency_ratio(model: paddle.nn.Layer, cfg: DictConfig, export_dir: Path) -> LatencyRatio:
+def onnx_latency_ratio(unpruned: paddle.nn.Layer, cfg: DictConfig, export_dir: Path) -> LatencyRatio:
     """The exported ONNX model timed against the unpruned model's ONNX through onnxruntime (`prune.latency`)."""
-    m = cfg.measure
+    threads = cfg.measure.threads
     with tempfile.TemporaryDirectory(prefix="onnx-reference-") as tmp:
-        export_inference(detector_from_config(cfg.model), tmp, formats=("legacy",))
+        export_inference(unpruned, tmp, formats=("legacy",))
         convert_to_onnx(tmp, Path(tmp) / ONNX_FILE)
-        reference = OnnxSession(Path(tmp) / ONNX_FILE, threads=m.threads)
-        candidate = OnnxSession(export_dir / ONNX_FILE, threads=m.threads)
-        return timed_rounds(candidate, reference, tuple(cfg.prune.input_size), warmup=m.warmup,
-                            min_rounds=m.min_rounds, max_rounds=m.max_rounds, tolerance=m.tolerance)
+        reference = OnnxSession(Path(tmp) / ONNX_FILE, threads=threads)
+        candidate = OnnxSession(export_dir / ONNX_FILE, threads=threads)
+        return timed_rounds(candidate, reference, tuple(cfg.prune.input_size), **round_settings(cfg.measure))
 
 
 def _log_to_mlflow(tracker: Tracker, cfg: DictConfig, selected: SelectedTrial, target: Path,
@@ -348,12 +346,11 @@ def main(cfg: DictConfig) -> None:
     scores: DetScores = evaluate_detector(model, data.eval_set, data.postprocess, cfg.data.eval.max_images,
                                           progress=cfg.progress)
     guard = guard_candidate(cfg, model, teacher, data)
-    del teacher
     target, diff, deployed_diff, onnx_diff = _write_export(model, plan, cfg, target,
                                                            parity_images(data.eval_set, cfg.export.parity.images))
     measured: Measurement = measure_model(model, cfg)
-    latency = time_against_unpruned(model, cfg)
-    onnx_latency = onnx_latency_ratio(model, cfg, target) if onnx_diff is not None else None
+    latency = time_against_unpruned(model, teacher, cfg)
+    onnx_latency = onnx_latency_ratio(teacher, cfg, target) if onnx_diff is not None else None
 
     reference = Measurement.from_json(study.user_attrs[STUDY_REFERENCE])  # what the trial's ratios are relative to
     report = ExportReport(

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune.distill import neck_feature_channels
 from prune.groups import ChannelGroup, discover_groups
-from prune.latency import LatencyRatio, latency_ratio
+from prune.latency import LatencyRatio, latency_ratio, round_settings
 from prune.measure import Measurement, measure
 from prune.plan import PruningPlan, apply_plan, make_plan
 from search.pareto import dominated_with_margin
@@ -141,12 +141,10 @@ def measure_model(model: paddle.nn.Layer, cfg: DictConfig) -> Measurement:
                    use_mkldnn=m.use_mkldnn)
 
 
-def time_against_unpruned(model: paddle.nn.Layer, cfg: DictConfig) -> LatencyRatio:
+def time_against_unpruned(model: paddle.nn.Layer, unpruned: paddle.nn.Layer, cfg: DictConfig) -> LatencyRatio:
     """The candidate's latency ratio to the unpruned model, timed interleaved with it (`prune.latency`)."""
-    m = cfg.measure
-    return latency_ratio(model, detector_from_config(cfg.model), tuple(cfg.prune.input_size), threads=m.threads,
-                         use_mkldnn=m.use_mkldnn, warmup=m.warmup, min_rounds=m.min_rounds,
-                         max_rounds=m.max_rounds, tolerance=m.tolerance)
+    return latency_ratio(model, unpruned, tuple(cfg.prune.input_size), threads=cfg.measure.threads,
+                         use_mkldnn=cfg.measure.use_mkldnn, **round_settings(cfg.measure))
 
 
 def recover_candidate(student: paddle.nn.Layer, teacher: paddle.nn.Layer, plan: PruningPlan,
@@ -185,7 +183,7 @@ class TrialResult:
     plan: PruningPlan
     measurement: Measurement
     reference: Measurement
-    latency: LatencyRatio | None = None  # timed against the unpruned model; else the ratio of separate medians
+    latency: LatencyRatio  # timed interleaved with the unpruned model
     screen: DetScores | None = None
     screened_out: bool = False
     finetune: FinetuneResult | None = None
@@ -199,19 +197,14 @@ class TrialResult:
 
     @property
     def latency_ratio(self) -> float:
-        if self.latency is not None:
-            return self.latency.ratio
-        return self.measurement.latency_ms / self.reference.latency_ms
+        return self.latency.ratio
 
     def cost_metrics(self) -> dict[str, float]:
         m = self.measurement
-        metrics = {"flops": m.flops, "flops_ratio": self.flops_ratio, "flops_reduction": 1.0 - self.flops_ratio,
-                   "params": m.params, "latency_ms": m.latency_ms, "latency_ratio": self.latency_ratio,
-                   "speedup": 1.0 / self.latency_ratio, "size_bytes": m.size_bytes}
-        if self.latency is not None:
-            metrics.update(latency_ratio_low=self.latency.low, latency_ratio_high=self.latency.high,
-                           latency_rounds=self.latency.rounds)
-        return metrics
+        return {"flops": m.flops, "flops_ratio": self.flops_ratio, "flops_reduction": 1.0 - self.flops_ratio,
+                "params": m.params, "latency_ms": m.latency_ms, "latency_ratio": self.latency_ratio,
+                "latency_ratio_low": self.latency.low, "latency_ratio_high": self.latency.high,
+                "latency_rounds": self.latency.rounds, "speedup": 1.0 / self.latency_ratio, "size_bytes": m.size_bytes}
 
     def metrics(self) -> dict[str, float]:
         """Every scalar the trial produced, under the names MLflow and the study's user attributes use."""
@@ -248,8 +241,9 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
     plan.save(out_dir / PLAN_FILE)
 
     tic = time.perf_counter()
+    unpruned = detector_from_config(cfg.model)  # the latency reference, and the teacher if there is recovery
     result = TrialResult(plan=plan, measurement=measure_model(model, cfg), reference=reference,
-                         latency=time_against_unpruned(model, cfg))
+                         latency=time_against_unpruned(model, unpruned, cfg))
     result.seconds["measure"] = time.perf_counter() - tic
     sink.log_metrics(result.cost_metrics())
 
@@ -270,11 +264,10 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
             result.seconds["total"] = time.perf_counter() - started
             return result
 
-    teacher = None
-    if cut_counts(plan):
+    recovered = bool(cut_counts(plan))
+    if recovered:
         tic = time.perf_counter()
-        teacher = detector_from_config(cfg.model)
-        result.finetune = recover_candidate(model, teacher, plan, groups, data.train_set, settings, cfg.progress,
+        result.finetune = recover_candidate(model, unpruned, plan, groups, data.train_set, settings, cfg.progress,
                                             unlabeled=data.unlabeled)
         result.seconds["finetune"] = time.perf_counter() - tic
         sink.log_series("finetune_loss", result.finetune.losses)
@@ -283,9 +276,9 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
     result.scores = evaluate_detector(model, data.eval_set, data.postprocess, cfg.data.eval.max_images,
                                       progress=cfg.progress)
     result.seconds["evaluate"] = time.perf_counter() - tic
-    if teacher is not None:
+    if recovered:
         tic = time.perf_counter()
-        result.guard = guard_candidate(cfg, model, teacher, data)
+        result.guard = guard_candidate(cfg, model, unpruned, data)
         result.seconds["guard"] = time.perf_counter() - tic
     elif data.guard_set is not None:  # nothing cut: the student is its teacher, and agrees with it by definition
         result.guard = AgreementScores(agreement=1.0, precision=1.0, recall=1.0, false_boxes=0.0,

@@ -161,13 +161,12 @@ class StudyRunner:
         where = storage_where(cfg.storage)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # A server that cannot be reached fails before the other store's local file is created.
-        if storage_file(cfg.storage) is None:
+        storage_is_local = storage_file(cfg.storage) is not None
+        if not storage_is_local:
             self.storage = make_storage(cfg.storage)
-            self.tracker = tracker_for(cfg)
-            self.tracker.check()
-        else:
-            self.tracker = tracker_for(cfg)
-            self.tracker.check()
+        self.tracker = tracker_for(cfg)
+        self.tracker.check()
+        if storage_is_local:
             self.storage = make_storage(cfg.storage)
         settings = frozen_settings(cfg)
         self.study, created = open_study(self.storage, self.name, self.objectives)
@@ -190,7 +189,7 @@ class StudyRunner:
         check_always_skip(always_skip_groups(cfg), discover_groups(build_detector(cfg.model.name)), cfg.model.name)
         RecoverySettings(**cfg.finetune)
         detector_from_config(cfg.model)
-        load_trial_data(cfg)
+        self.data = load_trial_data(cfg)  # kept for the parent run's dataset inputs
 
     def _lead(self, attempt: int) -> None:
         """Build the prior while beating on the study's creation lease, so that waiting workers can tell a builder
@@ -251,7 +250,7 @@ class StudyRunner:
                                                           "storage": mask_url(str(cfg.storage.get("url", "")))})
         self.study.set_user_attr(STUDY_PARENT_RUN, parent.run_id)
         parent.log_params(_masked(flat_config(cfg)))
-        parent.log_datasets(study_datasets(load_trial_data(cfg)))
+        parent.log_datasets(study_datasets(self.data))
         self._log_prior(parent, prior)
         count = enqueue_warm_start(self.study, warm_start_trials(prior, cfg.search.warm_start.unpruned))
         self.study.set_user_attr(STUDY_REFERENCE, prior.reference.to_json())

@@ -15,7 +15,7 @@
    is `chosen_trial=<n> hmean=<f> flops_ratio=<f> latency_ratio=<f> run_id=<id>`.
 
 Rerunning the same command resumes: `n_trials` is the study's total, so a finished study only prints its summary.
-`search.workers` (default `auto`: one per core) runs that many local workers of the command (`search.workers`).
+`search.workers` (default `auto`: one per core) runs that many local workers of the command (`search/workers.py`).
 Running it several times at once (on one host with `storage=journal`, on many with `storage=postgres`) shares the
 study's budget among the workers.
 

@@ -27,7 +27,8 @@ def convert_to_onnx(model_dir: str | Path, out_file: str | Path) -> Path:
     model_dir = Path(model_dir)
     program, params = model_dir / LEGACY_MODEL_FILE, model_dir / PARAMS_FILE
     if not program.is_file() or not params.is_file():
-        raise ConfigError(f"{model_dir}: ONNX conversion needs the legacy program {LEGACY_MODEL_FILE} and {PARAMS_FILE}")
+        raise ConfigError(f"{model_dir}: ONNX conversion needs the legacy program {LEGACY_MODEL_FILE} and "
+                          f"{PARAMS_FILE}")
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
         paddle2onnx.export(str(program), str(params), str(out_file), opset_version=OPSET,
                            optimize_tool="onnxoptimizer")

@@ -16,8 +16,8 @@ import importlib.util
 import pickle
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paddle
@@ -62,7 +62,6 @@ _RAPIDOCR_V4_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 _TRAINING_BRANCH_MARK = ".conv_kxk."
 _FUSED_MARK = ".reparam_conv."
-# The only zoo model with a training and a deploy form, and the only one with shipped weights.
 
 StateDict = Mapping[str, "np.ndarray | paddle.Tensor"]
 

@@ -301,6 +301,27 @@ def sensitivity_key(model: paddle.nn.Layer, model_name: str, dataset: DetDataset
 SPLITS = ("unlabeled", "train", "eval")
 
 
+def check_probe(split: str, metric: str) -> None:
+    """A known split and metric, and labels where the metric needs them."""
+    if split not in SPLITS:
+        raise ConfigError(f"sensitivity.split={split!r}: use one of {', '.join(SPLITS)}")
+    if metric not in METRICS:
+        raise ConfigError(f"sensitivity.metric={metric!r}: known metrics are {', '.join(METRICS)}")
+    if split == "unlabeled" and metric != "map_dice":
+        raise ConfigError(f"sensitivity.metric={metric} needs labels: use sensitivity.split=train or eval, or "
+                          "sensitivity.metric=map_dice")
+
+
+def check_settings(scfg: DictConfig) -> None:
+    """Every `sensitivity.*` value of an app config, before anything is loaded or written."""
+    check_probe(scfg.split, scfg.metric)
+    if scfg.images < 1:
+        raise ConfigError(f"sensitivity.images={scfg.images}: need at least 1 probe image")
+    if scfg.limit_side_len < 32:
+        raise ConfigError(f"sensitivity.limit_side_len={scfg.limit_side_len}: must be >= 32")
+    check_ratios(scfg.ratios)
+
+
 def probe_images(cfg: DictConfig, source: DataSource, split: str, metric: str, images: int,
                  resize: tuple[int, str]) -> DetDataset:
     """The images a sensitivity scan probes, resized for test.
@@ -313,12 +334,8 @@ def probe_images(cfg: DictConfig, source: DataSource, split: str, metric: str, i
     images 0.59 and 0.53, at a larger 0.51x FLOPs (README "Generalization"). ``train``/``eval``: the first
     ``images`` of that labelled split (``metric=hmean`` needs labels).
     """
-    if split not in SPLITS:
-        raise ConfigError(f"sensitivity.split={split!r}: use one of {', '.join(SPLITS)}")
+    check_probe(split, metric)
     if split == "unlabeled":
-        if metric != "map_dice":
-            raise ConfigError(f"sensitivity.metric={metric} needs labels: use sensitivity.split=train or eval, or "
-                              "sensitivity.metric=map_dice")
         pool = resolve_unlabeled(cfg.data, progress=cfg.get("progress", True)).recovery
         if not pool:
             raise ConfigError("sensitivity.split=unlabeled needs the recovery images (data.unlabeled): set it, or "
@@ -339,6 +356,7 @@ def table_for_config(cfg: DictConfig, model: paddle.nn.Layer, source: DataSource
     `data`), from its cache or measured now, and the cache file. `python -m prune.sensitivity` and the search
     both come here, so either reuses the other's scan."""
     scfg = cfg.sensitivity
+    check_settings(scfg)
     resize = (scfg.limit_side_len, "max")
     probe_set = probe_images(cfg, source, scfg.split, scfg.metric, scfg.images, resize)
     key = sensitivity_key(model, cfg.model.name, probe_set, scfg.images, resize, cfg.prune.criterion, scfg.metric,
