@@ -59,7 +59,7 @@ TINY_SEARCH = [
     "sensitivity.limit_side_len=96",
     "finetune.steps=2", "finetune.batch_size=2", "finetune.crop_size=64", "finetune.warmup_steps=0",
     "prune.input_size=[64,64]", "measure.runs=1", "measure.warmup=0",
-    "search.warm_start.seed_rule_targets=[0.3,0.5]", "search.screening.max_images=2",
+    "search.targets=[0.3,0.5]", "search.screening.max_images=2",
     "search.screening.bn_batches=0", "search.screening.margin=0", "progress=false",
     "search.workers=1",  # one process per study here; test_search_cli runs the parallel default
     f"search.study_name={STUDY}",
@@ -88,10 +88,24 @@ def study_run(tmp_path_factory):
 _SUBPROCESS_FIXTURES = {"cache_env", "study_run", "chosen_export", "scanned", "mlflow_server", "postgres"}
 
 
+# Session fixtures too costly to build once per xdist worker: every test file that uses one runs on one worker.
+_SHARED_SESSION_FIXTURES = ("study_run",)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark `slow` every test that runs a command in a subprocess, by its fixtures or a `run_cli` call."""
+    """Mark `slow` every test that runs a command in a subprocess, by its fixtures or a `run_cli` call; put each
+    test file in one xdist group (its module fixtures are built once), and the files sharing a costly session
+    fixture in one group together (`-n auto --dist loadgroup`, pyproject's addopts)."""
+    group_of_module: dict[str, str] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        group_of_module.setdefault(module, module)
+        shared = [name for name in _SHARED_SESSION_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if shared:
+            group_of_module[module] = shared[0]
     for item in items:
         source = getattr(getattr(item, "function", None), "__code__", None)
         calls_cli = source is not None and "run_cli" in source.co_names
         if calls_cli or _SUBPROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(group_of_module[item.nodeid.split("::")[0]]))
