@@ -39,7 +39,7 @@ OBJECTIVES: dict[str, Objective] = {
 # to resume under different ones (the numbers would not be comparable); everything else (budget, sampler,
 # screening, selection, tracking) may change between invocations.
 FROZEN_SECTIONS = ("model", "data", "postprocess", "prune", "sensitivity", "finetune", "measure")
-FROZEN_SEARCH_KEYS = ("objectives", "space", "warm_start")
+FROZEN_SEARCH_KEYS = ("objectives", "targets", "space", "warm_start")
 # Where a cache lives does not change its content (it is keyed by content), and it follows $OCRDET_CACHE_DIR.
 _UNFROZEN_LEAVES = ("cache_dir", "pool_cache_dir")
 
@@ -85,14 +85,21 @@ def check_search_config(cfg: DictConfig) -> None:
         if measure[key] < low:
             raise ConfigError(f"measure.{key}={measure[key]}: must be >= {low}")
     check_rounds(measure.min_rounds, measure.max_rounds, measure.tolerance)
-    for target in search.warm_start.seed_rule_targets:
-        if not 0.0 < target < 1.0:
-            raise ConfigError(f"search.warm_start.seed_rule_targets: {target} is not a FLOPs reduction in (0, 1)")
+    for key, targets in (("targets", search.targets), ("warm_start.seed_rule_targets",
+                                                        search.warm_start.seed_rule_targets)):
+        for target in targets:
+            if not 0.0 < target < 1.0:
+                raise ConfigError(f"search.{key}: {target} is not a FLOPs reduction in (0, 1)")
     if not 0.0 < search.warm_start.tolerance < 1.0:
         raise ConfigError(f"search.warm_start.tolerance={search.warm_start.tolerance}: must be in (0, 1)")
     space = search.space
     if not space.loss_budget > 0:
         raise ConfigError(f"search.space.loss_budget={space.loss_budget}: must be > 0")
+    if not 0.0 < space.max_offset <= 4.0:
+        raise ConfigError(f"search.space.max_offset={space.max_offset}: must be in (0, 4] (log2 of a count's "
+                          "deviation from the seed rule's)")
+    if not 0.0 < space.tolerance < 0.5:
+        raise ConfigError(f"search.space.tolerance={space.tolerance}: must be in (0, 0.5)")
     low, high = space.skip_probability
     if not 0.0 < low <= high < 1.0:
         raise ConfigError(f"search.space.skip_probability=[{low}, {high}]: need 0 < low <= high < 1")

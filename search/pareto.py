@@ -142,9 +142,9 @@ def write_csv(records: Sequence[TrialRecord], path: Path) -> Path:
 def format_front(front: Sequence[TrialRecord], chosen: int | None) -> str:
     """The Pareto table as aligned text, fewest FLOPs first."""
     lines = [f"{'trial':>5}  {'hmean':>6}  {'agree':>6}  {'false/img':>9}  {'FLOPs red.':>10}  {'speed-up':>8}  "
-             f"{'baseline':<18}  mlflow run"]
+             f"{'plan':<18}  mlflow run"]
     for r in sorted(front, key=lambda r: r.flops_ratio):
-        base = r.baseline + (f" {r.target_reduction:.0%}" if r.target_reduction is not None else "")
+        base = (r.baseline or "searched") + (f" {r.target_reduction:.0%}" if r.target_reduction is not None else "")
         mark = "  <- chosen" if r.number == chosen else ""
         lines.append(f"{r.number:>5}  {r.hmean:>6.4f}  {r.agreement:>6.4f}  {r.false_boxes:>9.2f}  "
                      f"{r.flops_reduction:>10.1%}  {r.speedup:>7.2f}x  {base:<18}  {r.run_id}{mark}")

@@ -90,7 +90,8 @@ def build_prior(cfg: DictConfig) -> Prior:
 
     seed_table = without_groups(table, always_skip)
     plans, skipped = [], {}
-    for target in sorted(cfg.search.warm_start.seed_rule_targets):
+    # A projected space starts from the seed rule's plans at its targets; a free one at the warm start's targets.
+    for target in sorted(cfg.search.targets or cfg.search.warm_start.seed_rule_targets):
         outcome = _seed_rule(cfg, model, seed_table, float(target), groups)
         if isinstance(outcome, str):
             log.warning("warm start: no seed-rule plan at %.0f%% FLOPs reduction (%s)", 100 * target, outcome)
@@ -100,7 +101,12 @@ def build_prior(cfg: DictConfig) -> Prior:
                      100 * outcome.reduction, outcome.threshold)
             plans.append(outcome)
 
+    # A target the seed rule has no plan at is centred on the whole model: its candidates start uniform.
+    centres: dict[float, dict[str, int]] = {float(t): {} for t in cfg.search.targets}
+    centres.update({p.target_reduction: cut_counts(p.plan) for p in plans if p.target_reduction in centres})
     space = build_space(table, cfg.prune.align, cfg.search.space.loss_budget, always_skip,
-                        tuple(cfg.search.space.skip_probability), warm_start=[cut_counts(p.plan) for p in plans])
+                        tuple(cfg.search.space.skip_probability), warm_start=[cut_counts(p.plan) for p in plans],
+                        centres=centres or None, max_offset=cfg.search.space.max_offset,
+                        tolerance=cfg.search.space.tolerance)
     return Prior(table=table, space=space, seed_rule=plans,
                  reference=measure_model(model, cfg), skipped_targets=skipped)

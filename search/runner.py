@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from prune.budget import FlopsOfCounts
 from prune.groups import discover_groups
 from prune.sensitivity.report import plot_curves, write_csv
 from search.app import TrialFailed, TrialOutcome, tracker_for
@@ -32,15 +33,15 @@ from search.objective import load_trial_data, study_datasets
 from search.pareto import Selection, format_front, pareto_front, plot_front, select
 from search.pareto import write_csv as write_records
 from search.prior import Prior, always_skip_groups, build_prior, check_always_skip
-from search.space import SearchSpace, cut_counts, params_for, suggest
+from search.space import Candidate, SearchSpace, cut_counts, params_for, params_for_target, suggest
 from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, FINISHED, STALE_REASON,
                           STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE, STUDY_SETTINGS, STUDY_SPACE,
-                          TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_RATIOS, TRIAL_RUN_ID,
-                          TRIAL_SCREENED_OUT, TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD, TRIAL_SKIP_SET,
-                          TRIAL_TARGET, TRIAL_WORKER, Budget, WarmStart, claim_creation, constraints_func,
-                          count_finished, enqueue_warm_start, fail_stale_trials, give_up, last_heartbeat,
-                          make_storage, mask_url, open_study, over_budget, storage_file, storage_where,
-                          trial_records)
+                          TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_PROJECTED_FLOPS, TRIAL_RATIOS,
+                          TRIAL_RUN_ID, TRIAL_SCREENED_OUT, TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD,
+                          TRIAL_SKIP_SET, TRIAL_TARGET, TRIAL_WORKER, Budget, WarmStart, claim_creation,
+                          constraints_func, count_finished, enqueue_warm_start, fail_stale_trials, give_up,
+                          last_heartbeat, make_storage, mask_url, open_study, over_budget, storage_file,
+                          storage_where, trial_records)
 from search.tracking import RunLogger
 from train.cli import print_result_line
 from train.errors import ConfigError, UserError
@@ -128,10 +129,16 @@ def _masked(node: Any) -> Any:
 
 
 def warm_start_trials(prior: Prior, unpruned: bool) -> list[WarmStart]:
-    """The unpruned model first (the baseline from trial 0), then the seed rule's plans by target."""
-    trials = [WarmStart(params_for(prior.space, {}), {TRIAL_BASELINE: BASELINE_UNPRUNED})] if unpruned else []
+    """The unpruned model first (the baseline from trial 0), then the seed rule's plans by target (in a projected
+    space: its centres, which are those plans)."""
+    space = prior.space
+    # A projected space has no parameters for "cut nothing": the runner knows the unpruned trial by its tag.
+    trials = ([WarmStart({} if space.targets else params_for(space, {}), {TRIAL_BASELINE: BASELINE_UNPRUNED})]
+              if unpruned else [])
     for plan in prior.seed_rule:
-        trials.append(WarmStart(params_for(prior.space, cut_counts(plan.plan)), {
+        params = (params_for_target(space, plan.target_reduction) if space.targets
+                  else params_for(space, cut_counts(plan.plan)))
+        trials.append(WarmStart(params, {
             TRIAL_BASELINE: BASELINE_SEED_RULE, TRIAL_TARGET: plan.target_reduction,
             TRIAL_SEED_RULE_REDUCTION: plan.reduction, TRIAL_SEED_RULE_THRESHOLD: plan.threshold}))
     return trials
@@ -148,6 +155,7 @@ class StudyRunner:
         # Asked by this worker and not told yet: the trials its heartbeat vouches for.
         self.pending: list[Trial] = []
         self.crashed: list[int] = []  # trials of this invocation that failed on a bug (not a UserError)
+        self._flops: FlopsOfCounts | None = None
 
     # -- 1 and 2: checks, study, prior, parent run ------------------------------------------------------------
     def prepare(self) -> None:
@@ -365,9 +373,26 @@ class StudyRunner:
                 log.info("trial %d given back: %s", trial.number, BUDGET_MET_REASON)
                 return
             self.pending.append(trial)
-            candidate = suggest(trial, self.space)
+            baseline = trial.user_attrs.get(TRIAL_BASELINE)
+            if baseline == BASELINE_UNPRUNED and self.space.targets:  # (a free space has parameters for it)
+                candidate = Candidate(kept={}, skipped=tuple(g.name for g in self.space.groups))
+            else:  # the seed rule's baselines are its own plans, not projected
+                candidate = suggest(trial, self.space, self._flops_ratio(), projected=baseline != BASELINE_SEED_RULE)
             trial.set_user_attr(TRIAL_RATIOS, json.dumps(self.space.ratios(candidate)))
             trial.set_user_attr(TRIAL_SKIP_SET, self.space.skip_set(candidate))
+            if candidate.target is not None:
+                trial.set_user_attr(TRIAL_TARGET, candidate.target)
+                trial.set_user_attr(TRIAL_PROJECTED_FLOPS, candidate.flops_ratio)
+
+    def _flops_ratio(self) -> FlopsOfCounts | None:
+        """The FLOPs ratio of channel counts, for projecting candidates (a projected space only; built once)."""
+        if not self.space.targets:
+            return None
+        if self._flops is None:
+            cfg = self.cfg
+            self._flops = FlopsOfCounts(detector_from_config(cfg.model), cfg.model.name, self.space.align,
+                                        tuple(cfg.prune.input_size))
+        return self._flops
 
     def _tell(self, trial: Trial, job: JobReturn) -> None:
         try:

@@ -47,6 +47,7 @@ TRIAL_RATIOS = "ratios"
 TRIAL_SKIP_SET = "skip_set"
 TRIAL_BASELINE = "baseline"
 TRIAL_TARGET = "target_reduction"
+TRIAL_PROJECTED_FLOPS = "projected_flops_ratio"  # the FLOPs ratio a projected candidate was scaled to
 TRIAL_SEED_RULE_REDUCTION = "seed_rule_reduction"
 TRIAL_SEED_RULE_THRESHOLD = "seed_rule_threshold"
 TRIAL_RUN_ID = "mlflow_run_id"

@@ -193,7 +193,8 @@ def test_single_trial_fails_in_one_line_before_any_work(inputs, tmp_path, cache_
 
 
 # One trial (the unpruned baseline, no fine-tune) over a one-ratio scan: the cheapest study that builds a prior.
-SHORT_STUDY = ["search.n_trials=1", "search.warm_start.seed_rule_targets=[]", "sensitivity.ratios=[0.5]",
+SHORT_STUDY = ["search.n_trials=1", "search.targets=[]", "search.warm_start.seed_rule_targets=[]",
+               "sensitivity.ratios=[0.5]",
                "search.screening.enabled=false", "tracking.log_weights=false"]
 
 

@@ -39,7 +39,7 @@ def test_user_errors_are_one_line_before_any_work(tmp_path, cache_env, override,
 def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(tmp_path, cache_env):
     out = tmp_path / "study"
     proc = run_cli("search", ["multirun", *TINY_SEARCH, f"out_dir={out}", "finetune.lr=1e30", "search.n_trials=3",
-                              "search.max_failures=2", "search.warm_start.seed_rule_targets=[0.5]",
+                              "search.max_failures=2", "search.targets=[0.5]",
                               "search.screening.enabled=false"], cache_env)
     # The unpruned baseline is not fine-tuned, so it completes; the two fine-tuned trials diverge.
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_the_other_zoo_models_refuse_random_weights_and_search_with_them_allowed
     assert not list(tmp_path.rglob("*.db"))
 
     proc = run_cli("search", ["multirun", *TINY_SEARCH, f"model={model}", "model.allow_random_init=true",
-                              "search.n_trials=2", "search.warm_start.seed_rule_targets=[0.3]",
+                              "search.n_trials=2", "search.targets=[0.3]",
                               "search.select.min_agreement=null", f"out_dir={out}"], cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("chosen_trial=")
@@ -85,7 +85,7 @@ def test_local_workers_share_the_study(tmp_path, cache_env):
     and the budget is met exactly, with one summary."""
     out = tmp_path / "study"
     proc = run_cli("search", ["multirun", *TINY_SEARCH, "search.workers=2", "search.n_trials=5",
-                              "search.warm_start.seed_rule_targets=[0.3]", f"out_dir={out}"], cache_env)
+                              "search.targets=[0.3]", f"out_dir={out}"], cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("chosen_trial=")
     assert proc.stdout.count("Pareto front of study") == 1

@@ -1,4 +1,5 @@
-"""The search space from the sensitivity prior: bounds, alignment, skip priors, always-skip, warm-start round trip."""
+"""The search space from the sensitivity prior: bounds, alignment, skip priors, always-skip, warm-start round trip,
+and candidates projected onto FLOPs targets (measured on the real PP-OCRv4 det)."""
 from __future__ import annotations
 
 import optuna
@@ -7,8 +8,12 @@ import pytest
 from prune.groups import discover_groups
 from prune.plan import keep_count, make_plan
 from prune.sensitivity import SensitivityKey, SensitivityTable
-from search.space import (FIXED_ALWAYS_SKIP, FIXED_OVER_BUDGET, FIXED_TOO_NARROW, KEEP_PREFIX, SKIP_PREFIX,
-                          Candidate, SearchSpace, build_space, params_for, suggest)
+from prune.budget import FlopsOfCounts
+from prune.seed_rule import seed_rule_plan
+from search.prior import without_groups
+from search.space import (FIXED_ALWAYS_SKIP, FIXED_OVER_BUDGET, FIXED_TOO_NARROW, KEEP_PREFIX, OFFSET_PREFIX,
+                          SKIP_PREFIX, TARGET_PARAM, Candidate, SearchSpace, build_space, cut_counts, params_for,
+                          params_for_target, project, suggest)
 from train.errors import ConfigError
 from train.weights import load_detector
 
@@ -136,3 +141,96 @@ def test_candidate_ratios_make_plans_with_exactly_the_suggested_counts():
     assert candidate.kept
     plan = make_plan(model, "ppocrv4_det", space.ratios(candidate), "fpgm", 8, (64, 64), groups)
     assert {name: len(kept) for name, kept in plan.kept.items()} == candidate.kept
+
+
+# -- projected onto FLOPs targets, on the real model (FLOPs at a small input: the ratio hardly depends on it) ----
+STEM = "backbone.conv1.conv"
+SIZE = (96, 96)
+
+
+@pytest.fixture(scope="module")
+def real():
+    """PP-OCRv4 det, its groups, a sensitivity table over them (the loss grows with the ratio, more for the
+    groups listed first), the seed rule's plan at -50% FLOPs on it, and the FLOPs ratio of channel counts."""
+    model = load_detector("ppocrv4_det", "pretrained")
+    groups = discover_groups(model)
+    prunable = {g.name: g.channels for g in groups if g.prunable}
+    table = _table({name: [(0.01 + i / len(prunable)) * r for r in RATIOS] for i, name in enumerate(prunable)},
+                   prunable)
+    seed = seed_rule_plan(model, "ppocrv4_det", without_groups(table, [STEM]), 0.5, align=8, input_size=SIZE,
+                          tolerance=0.01, groups=groups)
+    return model, groups, table, seed, FlopsOfCounts(model, "ppocrv4_det", 8, SIZE, groups)
+
+
+def _projected(real, **kwargs) -> SearchSpace:
+    _, _, table, seed, _ = real
+    args = dict(centres={0.5: cut_counts(seed.plan), 0.3: {}}, max_offset=0.5, tolerance=0.01)
+    args.update(kwargs)
+    return build_space(table, 8, 0.9, [STEM], (0.05, 0.5), **args)
+
+
+def test_projected_candidates_land_on_target_within_tolerance_never_over(real):
+    model, groups, _, _, flops = real
+    space = _projected(real)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(6):
+        candidate = suggest(study.ask(), space, flops)
+        goal = 1.0 - candidate.target
+        assert goal - 0.01 <= candidate.flops_ratio <= goal, candidate
+        # The ratio is the real one of the plan the trial will make (ranked channels, not the first ones).
+        plan = make_plan(model, "ppocrv4_det", space.ratios(candidate), "fpgm", 8, SIZE, groups)
+        assert cut_counts(plan) == candidate.kept
+        assert flops(candidate.kept) == pytest.approx(candidate.flops_ratio)
+        assert set(candidate.kept).isdisjoint(candidate.skipped)
+        assert all(keep % 8 == 0 for keep in candidate.kept.values())
+
+
+def test_the_centre_of_a_target_is_the_seed_rules_plan(real):
+    """Unprojected, the centre's parameters give the seed rule's plan exactly (the baseline trial); projected,
+    the same shape lands in the band (the rule's bisection stops within its own tolerance, on either side)."""
+    _, _, _, seed, flops = real
+    space = _projected(real)
+    study = optuna.create_study()
+    for _ in range(2):
+        study.enqueue_trial(params_for_target(space, 0.5))
+    candidate = suggest(study.ask(), space, flops, projected=False)
+    assert candidate.kept == cut_counts(seed.plan)
+    assert candidate.flops_ratio == pytest.approx(seed.flops_ratio, abs=1e-6)
+    projected = suggest(study.ask(), space, flops)
+    assert 0.49 <= projected.flops_ratio <= 0.5
+    if 0.49 <= seed.flops_ratio <= 0.5:
+        assert projected.kept == candidate.kept
+    with pytest.raises(ConfigError, match="target 0.7 is not a target of the search space"):
+        params_for_target(space, 0.7)
+
+
+def test_offsets_change_the_shape_not_the_cost(real):
+    """Cutting one group harder than its centre leaves more channels elsewhere, at the same FLOPs."""
+    _, _, _, seed, flops = real
+    space = _projected(real)
+    centre = cut_counts(seed.plan)
+    name = max(centre, key=centre.get)
+    harder = project(space, 0.5, {name: -0.5}, flops)
+    assert harder.kept[name] < centre[name]
+    assert sum(harder.kept.values()) - harder.kept[name] >= sum(centre.values()) - centre[name]
+    assert 0.49 <= harder.flops_ratio <= 0.5
+
+
+def test_a_target_without_a_seed_rule_plan_starts_uniform(real):
+    flops = real[4]
+    space = _projected(real)
+    assert all(space.centres["0.3"][g.name] == g.channels for g in space.groups)
+    candidate = project(space, 0.3, {}, flops)
+    assert 0.69 <= candidate.flops_ratio <= 0.7
+    shares = [candidate.kept.get(g.name, g.channels) / g.channels for g in space.groups]
+    assert max(shares) - min(shares) < 0.5  # one scale for every group, up to the grid and the bounds
+
+
+def test_projected_space_round_trips_and_needs_the_flops(real):
+    space = _projected(real)
+    assert SearchSpace.from_json(space.to_json()) == space
+    assert space.targets == [0.3, 0.5]
+    trial = optuna.create_study().ask()
+    with pytest.raises(ValueError, match="needs the FLOPs ratio"):
+        suggest(trial, space)
+    assert TARGET_PARAM not in trial.params and not any(k.startswith(OFFSET_PREFIX) for k in trial.params)
