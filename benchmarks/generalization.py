@@ -36,7 +36,7 @@ from hydra import compose, initialize_config_dir
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery import sensitivity_table  # noqa: E402  (the same cached table as benchmarks/recovery.py)
 
-from prune.distill import neck_feature_channels  # noqa: E402
+from search.objective import recover_candidate  # noqa: E402
 from prune.groups import discover_groups  # noqa: E402
 from prune.plan import PruningPlan, apply_plan, load_pruned  # noqa: E402
 from prune.seed_rule import seed_rule_plan  # noqa: E402
@@ -45,7 +45,7 @@ from train.data.source import build_dataset, resolve_data  # noqa: E402
 from train.data.unlabeled import resolve_unlabeled, unlabeled_eval_set  # noqa: E402
 from train.evaluation import detect, evaluate_detector  # noqa: E402
 from train.postprocess import DBPostProcess  # noqa: E402
-from train.recovery import RecoverySettings, recover  # noqa: E402
+from train.recovery import RecoverySettings  # noqa: E402
 from train.runtime import seed_everything  # noqa: E402
 from train.weights import load_detector  # noqa: E402
 
@@ -105,10 +105,9 @@ def main() -> None:
         for steps in budgets:
             seed_everything(cfg.seed)
             student = apply_plan(copy.deepcopy(teacher), rule.plan, groups)
-            channels = neck_feature_channels(rule.plan, groups, teacher.head.binarize.conv1.weight.shape[1])
             load, started = os.getloadavg()[0], time.perf_counter()
-            recover(student, teacher, train_set, replace(settings, steps=steps), feature_channels=channels,
-                    progress=False, unlabeled=pools.recovery)
+            recover_candidate(student, teacher, rule.plan, groups, train_set, replace(settings, steps=steps),
+                              progress=False, unlabeled=pools.recovery)
             wall = time.perf_counter() - started
             rows.append({"model": f"seed rule -{target:.0%}", "reduction": round(rule.reduction, 4),
                          "steps": steps, "wall_s": round(wall, 1),

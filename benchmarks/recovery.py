@@ -29,7 +29,7 @@ from pathlib import Path
 import paddle
 from hydra import compose, initialize_config_dir
 
-from prune.distill import neck_feature_channels
+from search.objective import recover_candidate
 from prune.groups import discover_groups
 from prune.measure import count_flops
 from prune.plan import PruningPlan, apply_plan, make_plan
@@ -38,13 +38,12 @@ from prune.sensitivity import SensitivityTable
 from train.data.source import build_dataset, resolve_data
 from train.evaluation import evaluate_detector
 from train.postprocess import DBPostProcess
-from train.recovery import FUSED_DIFF, RecoverySettings, recover
+from train.recovery import FUSED_DIFF, RecoverySettings
 from train.runtime import seed_everything
 from train.weights import load_detector
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "ppocrv4_det"
-NECK_CHANNELS = 96
 
 
 def cpu_seconds() -> float:
@@ -125,8 +124,8 @@ def main() -> None:
                 seed_everything(cfg.seed)
                 recovered = copy.deepcopy(student)
                 load, cpu, started = os.getloadavg()[0], cpu_seconds(), time.perf_counter()
-                result = recover(recovered, teacher, train_set, replace(settings, steps=steps),
-                        feature_channels=neck_feature_channels(plan, groups, NECK_CHANNELS), progress=False)
+                result = recover_candidate(recovered, teacher, plan, groups, train_set,
+                                           replace(settings, steps=steps), progress=False)
                 wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
                 row["budgets"].append({
                     "steps": steps, "hmean": hmean(recovered), "shifted": hmean(recovered, shifted_set),

@@ -29,7 +29,7 @@ import numpy as np
 import paddle
 from omegaconf import DictConfig, OmegaConf
 
-from prune.distill import neck_feature_channels
+from prune.distill import backbone_feature_channels, neck_feature_channels
 from prune.groups import ChannelGroup, discover_groups
 from prune.latency import LatencyRatio, latency_ratio, round_settings
 from prune.measure import Measurement, measure
@@ -151,14 +151,12 @@ def recover_candidate(student: paddle.nn.Layer, teacher: paddle.nn.Layer, plan: 
                       groups: list[ChannelGroup], train_set: DetDataset, settings: RecoverySettings,
                       progress: bool = True, unlabeled: Sequence[Path] | None = None,
                       checkpoint_prefix: Path | None = None) -> FinetuneResult:
-    """Fine-tune a pruned candidate in place (`train.recovery`), with feature distillation at the neck channels the
-    plan kept, on labelled crops of `train_set` mixed with crops of the `unlabeled` images. The one
+    """Fine-tune a pruned candidate in place (`train.recovery`), with feature distillation at the backbone and neck
+    channels the plan kept, on labelled crops of `train_set` mixed with crops of the `unlabeled` images. The one
     recovery entry point of the search (trials, and a longer run before export)."""
-    channels = None
-    if settings.feature_weight:
-        channels = neck_feature_channels(plan, groups, teacher.head.binarize.conv1.weight.shape[1])
-    return recover(student, teacher, train_set, settings, feature_channels=channels, progress=progress,
-                   unlabeled=unlabeled, checkpoint_prefix=checkpoint_prefix)
+    return recover(student, teacher, train_set, settings, feature_channels=neck_feature_channels(plan, groups, teacher),
+                   progress=progress, unlabeled=unlabeled, checkpoint_prefix=checkpoint_prefix,
+                   backbone_channels=backbone_feature_channels(plan, groups, teacher))
 
 
 def screen_candidate(model: paddle.nn.Layer, data: TrialData, settings: RecoverySettings, bn_batches: int,

@@ -11,7 +11,7 @@ import paddle
 import pytest
 from omegaconf import OmegaConf
 
-from prune.distill import neck_feature_channels
+from prune.distill import backbone_feature_channels, neck_feature_channels
 from prune.groups import discover_groups
 from prune.plan import apply_plan, make_plan
 from prune_fixtures import perturbed
@@ -19,7 +19,7 @@ from train.data.dataset import build_split
 from train.data.synthetic import SyntheticSpec, ensure_synthetic_dataset, label_path
 from train.errors import ConfigError
 from train.models.training_form import fuse, unfuse
-from train.models.zoo import is_deploy_form
+from train.models.zoo import MODEL_NAMES, build_detector, is_deploy_form, model_spec
 from train.runtime import seed_everything
 from train.recovery import (FUSED_DIFF, DistillationLoss, RecoverySettings, feature_distillation, init_threshold_branch,
                             map_distillation, recalibrate_bn, recover)
@@ -73,7 +73,7 @@ def test_distillation_is_zero_for_an_identical_student_and_its_gradient_flows():
                      groups=groups)
     apply_plan(student, plan, groups)
     student.train()
-    channels = neck_feature_channels(plan, groups, neck_channels=96)
+    channels = neck_feature_channels(plan, groups, teacher)
     assert len(channels) == 84 and channels[:24] == list(range(24)) and 48 not in channels
     terms = DistillationLoss(student, teacher, feature_weight=1.0, feature_channels=channels)(
         student(images), {"image": images})
@@ -84,6 +84,46 @@ def test_distillation_is_zero_for_an_identical_student_and_its_gradient_flows():
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(ConfigError, match="feature_channels"):
         DistillationLoss(student, teacher, feature_weight=1.0)(student(images), {"image": images})
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_zoo_model_names_where_its_features_enter(name: str):
+    model = build_detector(name)
+    spec = model_spec(name)
+    state = model.state_dict()
+    assert [state[p].shape[1] for p in spec.neck_inputs] == list(model.backbone.out_channels)
+    assert state[spec.head_input].shape[1] == model.neck.out_channels
+
+
+def test_backbone_distillation_compares_every_output_at_the_kept_channels():
+    """Identical student: 0. A student whose backbone outputs were cut: each output is compared with the teacher's
+    channels it kept (read from the plan by the model's ModelSpec.neck_inputs), and the gradient reaches the
+    backbone; without the kept channels it is a one-line error."""
+    teacher = perturbed("ppocrv4_det")
+    student = copy.deepcopy(teacher)
+    images = _images()
+    loss = DistillationLoss(student, teacher, map_weight=0.0, backbone_weight=1.0)
+    student.eval()
+    assert float(loss(student(images), {"image": images})["loss_backbone"]) == pytest.approx(0.0, abs=1e-9)
+    loss.close()
+
+    groups = discover_groups(student)
+    plan = make_plan(student, "ppocrv4_det", {"backbone.layer_list.3": 0.5, "backbone.layer_list.1": 0.25},
+                     groups=groups)
+    apply_plan(student, plan, groups)
+    channels = backbone_feature_channels(plan, groups, teacher)
+    assert [len(c) for c in channels] == [12, 18 - 4, 42, 180]
+    assert channels[0] == list(range(12)) and channels[3] == plan.kept["backbone.layer_list.3"]
+    student.train()
+    loss = DistillationLoss(student, teacher, map_weight=0.0, backbone_weight=1.0, backbone_channels=channels)
+    terms = loss(student(images), {"image": images})
+    assert float(terms["loss_backbone"]) > 0 and float(terms["loss"]) == float(terms["loss_backbone"])
+    terms["loss"].backward()
+    assert float(student.backbone.layer_list[3].weight.grad.abs().sum()) > 0
+    assert student.head.binarize.conv1.weight.grad is None  # only the backbone is pulled
+    loss.close()
+    with pytest.raises(ConfigError, match="backbone output 1 has 14 channels but 18 .* backbone_channels"):
+        DistillationLoss(student, teacher, map_weight=0.0, backbone_weight=1.0)(student(images), {"image": images})
 
 
 @pytest.mark.parametrize("pruned", [False, True])
@@ -171,7 +211,7 @@ def test_settings_come_from_the_config_group_and_reject_bad_values():
     with pytest.raises(ConfigError, match="crop_size"):
         RecoverySettings(crop_size=100)
     with pytest.raises(ConfigError, match="nothing to learn"):
-        RecoverySettings(map_weight=0, feature_weight=0, label_weight=0)
+        RecoverySettings(map_weight=0, feature_weight=0, backbone_weight=0, label_weight=0)
 
 
 def _agreement(student: paddle.nn.Layer, teacher: paddle.nn.Layer, dataset) -> float:
@@ -204,11 +244,12 @@ def test_a_tiny_recovery_run_brings_a_pruned_model_back_towards_its_teacher(tiny
     steps = []
     seed_everything(0)  # the loader's shuffle draws from the global generators
     result = recover(student, teacher, train_set, settings,
-                     feature_channels=neck_feature_channels(plan, groups, neck_channels=96),
+                     feature_channels=neck_feature_channels(plan, groups, teacher),
+                     backbone_channels=backbone_feature_channels(plan, groups, teacher),
                      on_step=lambda step, terms: steps.append(step), progress=False)
     after = _agreement(student, teacher, eval_set)
     assert steps == list(range(1, 13))
-    terms = {"loss", "loss_map", "loss_feature", "loss_label"}
+    terms = {"loss", "loss_map", "loss_feature", "loss_backbone", "loss_label"}
     assert set(result.final_terms) == (terms | {FUSED_DIFF} if training_form else terms)
     assert result.final_terms.get(FUSED_DIFF, 0.0) <= 1e-4
     assert is_deploy_form(student) and not student.training

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import TINY_SEARCH, run_cli
-from prune.distill import neck_feature_channels
+from prune.distill import backbone_feature_channels, neck_feature_channels
 from prune.groups import discover_groups
 from prune.plan import apply_plan, make_plan
 from train.data.dataset import build_split
@@ -184,7 +184,8 @@ def test_a_tiny_recovery_on_labelled_and_unlabelled_crops_brings_the_student_to_
     settings = RecoverySettings(steps=16, lr=5e-3, warmup_steps=2, batch_size=2, crop_size=96, unlabeled_share=0.5)
     seed_everything(0)
     result = recover(student, teacher, labelled, settings, progress=False, unlabeled=images,
-                     feature_channels=neck_feature_channels(plan, groups, neck_channels=96))
+                     feature_channels=neck_feature_channels(plan, groups, teacher),
+                     backbone_channels=backbone_feature_channels(plan, groups, teacher))
     after = _map_dice(student, teacher, probe)
     assert {"loss_map", "loss_feature", "loss_label"} <= set(result.final_terms)
     # Measured 0.0 -> 0.42 with 1 thread and 0.0 -> 0.20 with 2 (the trajectory follows float re-association).

