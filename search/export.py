@@ -48,7 +48,8 @@ from train.data.dataset import DetDataset
 from train.deploy_config import DeployConfig
 from train.errors import ConfigError, UserError
 from train.evaluation import evaluate_detector
-from train.inference import InferenceSession, export_inference, exported_programs, single_threaded
+from train.inference import (InferenceSession, dygraph_threads, export_inference, exported_programs,
+                             single_threaded)
 from train.onnx import ONNX_FILE, OnnxSession, convert_to_onnx
 from train.metric import DetScores
 from train.recovery import RecoverySettings
@@ -211,6 +212,8 @@ def _check_export_config(cfg: DictConfig) -> None:
         raise ConfigError(f"export.finetune.steps={cfg.export.finetune.steps}: must be >= 0")
     if int(cfg.export.finetune.save_every) < 0:
         raise ConfigError(f"export.finetune.save_every={cfg.export.finetune.save_every}: must be >= 0")
+    if int(cfg.export.finetune.threads) < 1:
+        raise ConfigError(f"export.finetune.threads={cfg.export.finetune.threads}: must be >= 1")
 
 
 def _recovery_settings(cfg: DictConfig) -> RecoverySettings | None:
@@ -220,7 +223,8 @@ def _recovery_settings(cfg: DictConfig) -> RecoverySettings | None:
         return None
     settings = replace(settings, steps=int(cfg.export.finetune.steps), save_every=int(cfg.export.finetune.save_every))
     if not cfg.export.finetune.distill:  # labels only: the DB loss, no teacher terms
-        settings = replace(settings, map_weight=0.0, feature_weight=0.0, label_weight=settings.label_weight or 1.0)
+        settings = replace(settings, map_weight=0.0, feature_weight=0.0, backbone_weight=0.0,
+                           label_weight=settings.label_weight or 1.0)
     return settings
 
 
@@ -341,8 +345,9 @@ def main(cfg: DictConfig) -> None:
         key = hashlib.sha256(json.dumps([settings.to_json(), cfg.seed, weights_hash(model)]).encode()).hexdigest()
         resume = out_dir / "export" / f".recovery-trial-{selected.number}-{key[:12]}"
         seed_everything(cfg.seed)
-        recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings, cfg.progress,
-                          unlabeled=data.unlabeled, checkpoint_prefix=resume / "last")
+        with dygraph_threads(cfg.export.finetune.threads):
+            recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings,
+                              cfg.progress, unlabeled=data.unlabeled, checkpoint_prefix=resume / "last")
     scores: DetScores = evaluate_detector(model, data.eval_set, data.postprocess, cfg.data.eval.max_images,
                                           progress=cfg.progress)
     guard = guard_candidate(cfg, model, teacher, data)

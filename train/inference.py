@@ -78,6 +78,16 @@ def set_dygraph_threads(threads: int) -> None:
 
 
 @contextmanager
+def dygraph_threads(threads: int) -> Iterator[None]:
+    """Dygraph CPU kernels on `threads` threads for the block (then the process's OMP_NUM_THREADS again)."""
+    paddle.base.core.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        paddle.base.core.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+
+
+@contextmanager
 def single_threaded() -> Iterator[None]:
     """Dygraph CPU kernels on one thread for the block (then the process's OMP_NUM_THREADS again).
 
@@ -86,11 +96,8 @@ def single_threaded() -> Iterator[None]:
     from the float64 result). On one thread each side, dygraph and the exported program agree to the last bit, so
     a parity check measures the export and nothing else.
     """
-    paddle.base.core.set_num_threads(1)
-    try:
+    with dygraph_threads(1):
         yield
-    finally:
-        paddle.base.core.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
 
 
 def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int, int] | None = None,
