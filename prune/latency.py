@@ -25,6 +25,7 @@ from scipy import stats
 
 from train.errors import ConfigError
 from train.inference import InferenceSession, export_inference
+from train.locks import quiet_host
 
 Runner = Callable[[np.ndarray], object]  # a loaded model: Paddle Inference, onnxruntime, ...
 
@@ -85,6 +86,12 @@ def timed_rounds(candidate: Runner, reference: Runner, input_size: tuple[int, in
     runners = (candidate, reference)
     # Values do not change the work done; a fixed seed keeps invocations comparable anyway.
     batch = np.random.default_rng(0).random((1, 3, *input_size), dtype=np.float32)
+    with quiet_host():  # the other workers of the host pause their training and evaluation meanwhile
+        return _rounds(runners, batch, warmup, min_rounds, max_rounds, tolerance)
+
+
+def _rounds(runners: tuple[Runner, Runner], batch: np.ndarray, warmup: int, min_rounds: int, max_rounds: int,
+            tolerance: float) -> LatencyRatio:
     for _ in range(warmup):
         for run in runners:
             run(batch)

@@ -55,6 +55,7 @@ from prune.plan import PruningPlan, apply_plan, load_pruned
 from train.cli import exit_on_user_error, print_result_line, run_app
 from train.errors import CheckpointError, ConfigError
 from train.inference import InferenceSession, eval_mode, export_inference, exported_size
+from train.locks import quiet_host
 from train.models.detector import check_input_size
 from train.schema import checked_fields
 from train.weights import load_detector
@@ -203,13 +204,14 @@ def _check_timing(threads: int, warmup: int, runs: int) -> None:
 def _median_latency_ms(session: InferenceSession, input_size: tuple[int, int], warmup: int, runs: int) -> float:
     # Values do not change the work done; a fixed seed keeps runs comparable anyway.
     batch = np.random.default_rng(0).random((1, 3, *input_size), dtype=np.float32)
-    for _ in range(warmup):
-        session(batch)
     times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session(batch)
-        times.append(time.perf_counter() - start)
+    with quiet_host():  # the other workers of the host pause their training and evaluation meanwhile
+        for _ in range(warmup):
+            session(batch)
+        for _ in range(runs):
+            start = time.perf_counter()
+            session(batch)
+            times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000.0
 
 

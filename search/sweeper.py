@@ -24,6 +24,7 @@ this repository starts; the heavy imports (Paddle, Optuna, MLflow) therefore hap
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
 from pathlib import Path
@@ -77,9 +78,12 @@ class OptunaAskTellSweeper(Sweeper):
         from search.runner import StudyRunner  # heavy imports, see the module docstring
         from search.workers import resolve_workers, start_helpers, stop_helpers, usable_cores, wait_helpers
         from train.inference import set_dygraph_threads
+        from train.locks import CPU_LOCK_ENV, host_cpu_lock
 
         assert self.config is not None and self.launcher is not None
         self._reject_sweep_syntax(arguments)
+        # Latency is timed while this host's other workers pause (train.locks.quiet_host); helpers inherit it.
+        os.environ.setdefault(CPU_LOCK_ENV, str(host_cpu_lock()))
         started = time.perf_counter(), _cpu_seconds()
         runner = StudyRunner(self.config)
         runner.prepare()

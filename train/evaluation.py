@@ -8,6 +8,7 @@ import paddle
 from tqdm import tqdm
 
 from train.data.dataset import DetDataset
+from train.locks import cpu_work
 from train.metric import DetMetric, DetScores
 from train.postprocess import DBPostProcess
 
@@ -16,7 +17,7 @@ Boxes = list[np.ndarray]
 
 def predict_maps(model: paddle.nn.Layer, image_chw: np.ndarray) -> np.ndarray:
     """The probability map [1, H, W] of one normalised CHW image (eval mode, no gradients)."""
-    with paddle.no_grad():
+    with paddle.no_grad(), cpu_work():  # pauses while another worker of the host times a model
         maps = model(paddle.to_tensor(image_chw[None]))["maps"]
     return maps.numpy()[:, 0]
 

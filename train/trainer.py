@@ -20,6 +20,7 @@ import paddle
 from tqdm import tqdm
 
 from train.errors import UserError
+from train.locks import cpu_work
 from train.schedule import warmup_cosine
 from train.weights import strip_backup_keys
 
@@ -162,16 +163,17 @@ def _finetune(
                dynamic_ncols=True)
     for step in range(start, settings.steps):
         batch = next(batches)
-        terms = loss_fn(model(batch["image"]), batch)
-        loss = terms["loss"]
-        value = float(loss)
-        if not math.isfinite(value):
-            bar.close()
-            raise TrainingDiverged(f"loss is {value} at step {step + 1}; lower finetune.lr or check the data")
-        loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
-        scheduler.step()
+        with cpu_work():  # pauses while another worker of the host times a model
+            terms = loss_fn(model(batch["image"]), batch)
+            loss = terms["loss"]
+            value = float(loss)
+            if not math.isfinite(value):
+                bar.close()
+                raise TrainingDiverged(f"loss is {value} at step {step + 1}; lower finetune.lr or check the data")
+            loss.backward()
+            optimizer.step()
+            optimizer.clear_grad()
+            scheduler.step()
 
         floats = {name: float(t) for name, t in terms.items()}
         losses.append(value)
