@@ -29,6 +29,9 @@ def test_default_config_composes_and_passes():
     ("search.objectives=[flops,latency]", "needs hmean"),
     ("search.n_trials=0", "search.n_trials=0"),
     ("search.warm_start.seed_rule_targets=[0.3,1.2]", "1.2 is not a FLOPs reduction"),
+    ("search.targets=[0.5,0]", "search.targets: 0 is not a FLOPs reduction"),
+    ("search.space.max_offset=0", "search.space.max_offset=0"),
+    ("search.space.tolerance=0.5", "search.space.tolerance=0.5"),
     ("search.space.skip_probability=[0.5,0.1]", "skip_probability"),
     ("search.screening.margin=-0.1", "search.screening.margin=-0.1"),
     ("search.constraints.max_flops_ratio=0", "max_flops_ratio=0"),
@@ -50,6 +53,7 @@ def test_the_guard_threshold_is_a_constraint_of_the_study():
 def test_frozen_settings_cover_what_makes_trials_comparable(monkeypatch):
     base = frozen_settings(_compose())
     assert base["finetune.steps"] == 60 and base["prune.align"] == 8 and base["search.objectives"] == ["hmean", "flops"]
+    assert base["search.targets"] == [0.3, 0.5, 0.7] and base["search.space.max_offset"] == 0.5
     assert not any(k.startswith(("search.n_trials", "search.sampler", "search.select", "tracking")) for k in base)
     monkeypatch.setenv("OCRDET_CACHE_DIR", "/elsewhere")
     assert frozen_settings(_compose("search.n_trials=40", "search/sampler=nsgaii")) == base
