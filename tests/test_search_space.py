@@ -234,3 +234,12 @@ def test_projected_space_round_trips_and_needs_the_flops(real):
     with pytest.raises(ValueError, match="needs the FLOPs ratio"):
         suggest(trial, space)
     assert TARGET_PARAM not in trial.params and not any(k.startswith(OFFSET_PREFIX) for k in trial.params)
+
+
+def test_counts_off_the_grid_or_not_a_cut_are_refused(real):
+    flops = real[4]
+    name, channels = next((n, c) for n, c in flops.channels.items() if c >= 32)
+    assert 0.0 < flops({name: 8}) < 1.0 and flops({}) == 1.0
+    for bad in (channels, 12, 0):
+        with pytest.raises(ConfigError, match=f"group '{name}': cannot keep {bad} channels"):
+            flops({name: bad})
