@@ -42,10 +42,8 @@ class FlopsOfCounts:
         self.groups = discover_groups(model) if groups is None else groups
         self.channels = {g.name: g.channels for g in self.groups if g.prunable}
         self.base = count_flops(model, self.input_size)
-        self.evaluations = 0
 
     def __call__(self, kept: Mapping[str, int]) -> float:
-        self.evaluations += 1
         if not kept:
             return 1.0
         plan = plan_of_counts(self.model_name, kept, self.channels, self.align, self.input_size)

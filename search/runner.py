@@ -194,9 +194,10 @@ class StudyRunner:
         does not fit, a missing or malformed dataset, an unreadable image or an empty split is then one error
         before the study exists, instead of a failure in the sensitivity scan or in every trial."""
         cfg = self.cfg
-        check_always_skip(always_skip_groups(cfg), discover_groups(build_detector(cfg.model.name)), cfg.model.name)
+        self.groups = discover_groups(build_detector(cfg.model.name))  # kept for projecting candidates
+        check_always_skip(always_skip_groups(cfg), self.groups, cfg.model.name)
         RecoverySettings(**cfg.finetune)
-        detector_from_config(cfg.model)
+        self.model = detector_from_config(cfg.model)  # kept for projecting candidates (never changed)
         self.data = load_trial_data(cfg)  # kept for the parent run's dataset inputs
 
     def _lead(self, attempt: int) -> None:
@@ -389,9 +390,8 @@ class StudyRunner:
         if not self.space.targets:
             return None
         if self._flops is None:
-            cfg = self.cfg
-            self._flops = FlopsOfCounts(detector_from_config(cfg.model), cfg.model.name, self.space.align,
-                                        tuple(cfg.prune.input_size))
+            self._flops = FlopsOfCounts(self.model, self.cfg.model.name, self.space.align,
+                                        tuple(self.cfg.prune.input_size), self.groups)
         return self._flops
 
     def _tell(self, trial: Trial, job: JobReturn) -> None:

@@ -203,11 +203,7 @@ def suggest(trial: optuna.Trial, space: SearchSpace, flops_ratio: FlopsRatio | N
         target = float(trial.suggest_categorical(TARGET_PARAM, space.targets))
         offsets = {g.name: trial.suggest_float(OFFSET_PREFIX + g.name, -space.max_offset, space.max_offset)
                    for g in space.groups}
-        if not projected:
-            kept = counts_at(space, space.centres[target_key(target)], offsets, 1.0)
-            return Candidate(kept=kept, skipped=tuple(g.name for g in space.groups if g.name not in kept),
-                             target=target, flops_ratio=flops_ratio(kept))
-        return project(space, target, offsets, flops_ratio)
+        return project(space, target, offsets, flops_ratio, to_target=projected)
     kept: dict[str, int] = {}
     skipped: list[str] = []
     for group in space.groups:
@@ -232,11 +228,13 @@ def counts_at(space: SearchSpace, centre: Mapping[str, int], offsets: Mapping[st
     return kept
 
 
-def project(space: SearchSpace, target: float, offsets: Mapping[str, float], flops_ratio: FlopsRatio) -> Candidate:
+def project(space: SearchSpace, target: float, offsets: Mapping[str, float], flops_ratio: FlopsRatio,
+            to_target: bool = True) -> Candidate:
     """The candidate of shape `offsets` at `target`, with its FLOPs ratio in [1 - target - tolerance, 1 - target].
 
     One scale for every group's count is bisected (the module docstring); scale 1 is tried first, so the centre
-    itself (offsets 0) stays the seed rule's plan when that is on target. The FLOPs curve of one scale is a
+    itself (offsets 0) stays the seed rule's plan when that is on target (`to_target=False` keeps scale 1
+    wherever its FLOPs are). The FLOPs curve of one scale is a
     staircase whose steps can be wider than the band (a narrow high-resolution group of the neck or head going
     from 16 channels to whole moves PP-OCRv4's FLOPs by up to 6%), so the largest plan under the budget is then
     filled up one grid step at a time, the groups furthest below their scaled counts first (`_fill`). If even
@@ -250,7 +248,7 @@ def project(space: SearchSpace, target: float, offsets: Mapping[str, float], flo
 
     kept = counts_at(space, centre, offsets, 1.0)
     ratio = flops_ratio(kept)
-    if goal - space.tolerance <= ratio <= goal:
+    if not to_target or goal - space.tolerance <= ratio <= goal:
         return candidate(kept, ratio)
     low, high = (-8.0, 0.0) if ratio > goal else (0.0, 8.0)
     best = None if ratio > goal else (kept, ratio)
