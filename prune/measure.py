@@ -19,8 +19,9 @@ accumulates for convolutions), except for transposed convolutions:
 - everything else 0: activations (ReLU, hardswish, sigmoid...), the learnable affine scalars of PPLCNetV3,
   upsampling, elementwise adds, concats.
 
-Params (``count_params``): number of values in the Paddle parameters of the layers that run in eval mode, i.e.
-exactly the tensors the exported inference program stores. Paddle keeps BatchNorm running mean/variance as
+Params (``count_params``): number of values in the Paddle parameters of the layers that run in eval mode, in
+the inference form the export saves (``train.inference.inference_form``: PPLCNetV3's foldable scalar affines
+folded into their convs), i.e. exactly the tensors the exported inference program stores. Paddle keeps BatchNorm running mean/variance as
 parameters, so they are included (as in ``paddle.flops``' "Total Params"); ``head.thresh`` is excluded, and so
 are parameters a layer holds but never applies (PPLCNetV3's stride-2 activation scalars).
 
@@ -54,7 +55,7 @@ from prune.latency import latency_ratio, round_settings
 from prune.plan import PruningPlan, apply_plan, load_pruned
 from train.cli import exit_on_user_error, print_result_line, run_app
 from train.errors import CheckpointError, ConfigError
-from train.inference import InferenceSession, eval_mode, export_inference, exported_size
+from train.inference import InferenceSession, eval_mode, export_inference, exported_size, inference_form
 from train.locks import quiet_host
 from train.models.detector import check_input_size
 from train.schema import checked_fields
@@ -192,7 +193,7 @@ def count_flops(model: nn.Layer, input_size: tuple[int, int] = (640, 640)) -> in
 
 def count_params(model: nn.Layer) -> int:
     """Parameter values the inference graph reads (excludes ``head.thresh``; see the module docstring)."""
-    return _trace(model, PARAMS_PROBE_SIZE).params
+    return _trace(inference_form(model), PARAMS_PROBE_SIZE).params
 
 
 def _check_timing(threads: int, warmup: int, runs: int) -> None:
@@ -252,7 +253,7 @@ def measure(
         export_inference(model, tmp)
         size_bytes = exported_size(tmp)
         latency_ms = measure_latency(tmp, input_size, threads, warmup, runs, use_mkldnn)
-    return Measurement(flops=sum(trace.layer_flops.values()), params=trace.params, latency_ms=latency_ms,
+    return Measurement(flops=sum(trace.layer_flops.values()), params=count_params(model), latency_ms=latency_ms,
                        size_bytes=size_bytes, input_size=input_size, threads=threads, runs=runs, warmup=warmup,
                        use_mkldnn=use_mkldnn)
 

@@ -59,7 +59,7 @@ def test_chosen_trial_exports_with_the_trial_numbers(study_run, chosen_export):
     assert metrics["flops"] == chosen.user_attrs["flops"] and metrics["params"] == chosen.user_attrs["params"]
     # No extra fine-tune: the replayed plan and weights score exactly what the trial scored.
     assert metrics["hmean"] == pytest.approx(chosen.user_attrs["hmean"], abs=1e-9)
-    assert metrics["parity_max_abs_diff"] <= 1e-5
+    assert metrics["parity_max_abs_diff"] <= 1e-4
     assert metrics["onnx_max_abs_diff"] <= 1e-4 and (folder / ONNX_FILE).is_file()
     assert 0 < metrics["onnx_latency_ratio_low"] <= metrics["onnx_latency_ratio"] <= metrics["onnx_latency_ratio_high"]
     assert 0 < metrics["latency_ratio_low"] <= metrics["latency_ratio"] <= metrics["latency_ratio_high"]

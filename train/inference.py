@@ -5,6 +5,7 @@ export of a chosen trial all save and run models the same way.
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from paddle.static import InputSpec
 
 from train.errors import ConfigError
 from train.models.detector import check_input_size
+from train.models.zoo import fold_affines
 
 EXPORT_PREFIX = "inference"
 PIR_MODEL_FILE = "inference.json"
@@ -107,26 +109,39 @@ def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int
 
     ``input_size=None`` exports a dynamic (N, 3, H, W) input as PaddleOCR does; a size fixes (1, 3, H, W).
     Several formats share one params file: the second save must write the same bytes, which is checked.
-    ``paddle.jit.save`` is given the layer itself, which converts a copy of ``forward``: the model stays an
-    ordinary dygraph layer (``paddle.jit.to_static(model)`` would replace its ``forward`` for good).
+    What is saved is ``inference_form(model)``: a copy with PPLCNetV3's scalar affines folded into their convs,
+    the same function with fewer ops to run; ``model`` itself is left as it is. ``paddle.jit.save`` is given a layer,
+    which converts a copy of ``forward``: the model stays an ordinary dygraph layer (``paddle.jit.to_static(model)``
+    would replace its ``forward`` for good).
     """
     unknown = [f for f in formats if f not in PROGRAM_FILES]
     if unknown or not formats:
         raise ConfigError(f"program formats {list(formats)}: expected some of {list(PROGRAM_FILES)}")
     shape = [None, 3, None, None] if input_size is None else [1, 3, *check_input_size(input_size)]
     out_dir = Path(out_dir)
+    deployed = inference_form(model)
     params: bytes | None = None
     for program in formats:
         program_ir = paddle.pir_utils.OldIrGuard() if program == "legacy" else nullcontext()
-        with eval_mode(model), _fresh_struct_names(), program_ir, warnings.catch_warnings():
+        with eval_mode(deployed), _fresh_struct_names(), program_ir, warnings.catch_warnings():
             # The detectors return {"maps": ...}: with one key, the "sorted by key" order it warns about is moot.
             warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
-            paddle.jit.save(model, str(out_dir / EXPORT_PREFIX), input_spec=[InputSpec(shape, "float32", "x")])
+            paddle.jit.save(deployed, str(out_dir / EXPORT_PREFIX), input_spec=[InputSpec(shape, "float32", "x")])
         written = (out_dir / PARAMS_FILE).read_bytes()
         if params is not None and written != params:
             raise RuntimeError(f"{out_dir}: the {program} save wrote other parameters than the first one")
         params = written
     return [out_dir / PROGRAM_FILES[program] for program in formats]
+
+
+def inference_form(model: nn.Layer) -> nn.Layer:
+    """``model`` with its affines folded (``zoo.fold_affines``) as a copy whose parameters keep the original's
+    names (a deep copy appends a process-wide counter to them, and the program records them: the same model
+    would write other bytes after every copy made before); ``model`` itself when it has nothing to fold."""
+    folded = copy.deepcopy(model)
+    for copied, original in zip(folded.parameters(), model.parameters(), strict=True):
+        copied.name = original.name
+    return folded if fold_affines(folded) else model
 
 
 def exported_size(model_dir: str | Path) -> int:

@@ -229,6 +229,18 @@ class LearnableRepLayer(nn.Layer):
         del self.identity
         self.is_repped = True
 
+    @paddle.no_grad()
+    def fold_affine(self) -> int:
+        """Fold ``lab`` (``x * scale + bias`` right after the fused conv) into ``reparam_conv`` and drop it: the same
+        function without two full-size elementwise ops. Inference-only (the layer loses its ``lab`` parameters); a
+        no-op in the training form or once folded. Returns the number of affines folded (0 or 1).
+        """
+        if not self.is_repped or isinstance(self.lab, nn.Identity):
+            return 0
+        _scale_conv_output(self.reparam_conv, self.lab.scale, self.lab.bias)
+        self.lab = nn.Identity()
+        return 1
+
     def _fused_kernel_bias(self) -> tuple[paddle.Tensor, paddle.Tensor]:
         kernel_kxk: paddle.Tensor | int = 0
         bias_kxk: paddle.Tensor | int = 0
@@ -258,6 +270,21 @@ class LearnableRepLayer(nn.Layer):
         for c in range(self.in_channels):
             kernel[c, c % per_group, centre, centre] = 1
         return kernel
+
+
+def _scale_conv_output(conv: nn.Conv2D, scale: paddle.Tensor, bias: paddle.Tensor) -> None:
+    """``conv`` becomes ``conv(x) * scale + bias`` (scalars), exactly up to float rounding."""
+    conv.weight.set_value(conv.weight * scale)
+    conv.bias.set_value(conv.bias * scale + bias)
+
+
+def _scale_conv_input(conv: nn.Conv2D, scale: paddle.Tensor, bias: paddle.Tensor) -> None:
+    """``conv`` becomes ``conv(x * scale + bias)`` (scalars). Exact only for a 1x1 conv without padding: a padded
+    kxk conv would see ``bias`` at the border where the original saw zeros."""
+    assert list(conv.weight.shape[2:]) == [1, 1] and conv._padding in (0, [0, 0], [0, 0, 0, 0]), (
+        "only a 1x1 conv without padding absorbs an input affine exactly")
+    conv.bias.set_value(conv.bias + bias * conv.weight.sum(axis=[1, 2, 3]))
+    conv.weight.set_value(conv.weight * scale)
 
 
 class SELayer(nn.Layer):
@@ -328,6 +355,20 @@ class LCNetV3Block(nn.Layer):
             lab_lr=lab_lr,
             deploy=deploy,
         )
+
+    @paddle.no_grad()
+    def fold_affine(self) -> int:
+        """Fold both ``LearnableRepLayer``s' inner affines into their convs, and the depthwise layer's activation
+        affine into the pointwise 1x1 conv it feeds when no SE sits between (``LearnableRepLayer.fold_affine``).
+        The pointwise layer's activation affine stays: it feeds a padded kxk conv or leaves the backbone.
+        """
+        folded = self.dw_conv.fold_affine() + self.pw_conv.fold_affine()
+        affine = self.dw_conv.act.lab
+        if self.use_se or self.dw_conv.stride == 2 or not self.pw_conv.is_repped or isinstance(affine, nn.Identity):
+            return folded
+        _scale_conv_input(self.pw_conv.reparam_conv, affine.scale, affine.bias)
+        self.dw_conv.act.lab = nn.Identity()
+        return folded + 1
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         x = self.dw_conv(x)

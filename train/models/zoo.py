@@ -19,7 +19,7 @@ from train.models.db_head import DBHead
 from train.models.detector import DBDetector
 from train.models.fpn import DBFPN, RSEFPN
 from train.models.mobilenet_v3 import MobileNetV3
-from train.models.pplcnet_v3 import LearnableRepLayer, PPLCNetV3
+from train.models.pplcnet_v3 import LCNetV3Block, LearnableRepLayer, PPLCNetV3
 
 # Prefix for the auto names of the convs that ``rep()`` creates: a fresh unprefixed generator would hand out
 # ``conv2d_0.w_0`` again, a name the stem conv already has (PaddleSlim then merges the two and ``jit.save``
@@ -121,3 +121,16 @@ def reparameterize(model: paddle.nn.Layer) -> paddle.nn.Layer:
             if isinstance(layer, LearnableRepLayer):
                 layer.rep()
     return model
+
+
+def fold_affines(model: paddle.nn.Layer) -> int:
+    """Fold PPLCNetV3's scalar ``LearnableAffineBlock``s into the convs beside them wherever that is exact, in
+    place; returns how many were folded (0 for models without them).
+
+    Paddle Inference and onnxruntime run each affine as a multiply and an add over a full feature map and fuse
+    neither (README "Export"). An affine right after a fused conv, or right before a 1x1 conv, folds into that
+    conv's weights; those feeding a padded depthwise conv, an SE block or the neck stay. Inference only: the
+    folded model's state_dict lacks the folded affines, so export a copy and keep the original for training and
+    checkpoints.
+    """
+    return sum(layer.fold_affine() for layer in model.sublayers() if isinstance(layer, LCNetV3Block))
