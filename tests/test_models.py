@@ -18,6 +18,7 @@ from numerics import assert_close
 
 from train.errors import ConfigError
 from train.models import zoo
+from train.models.db_head import PixelShuffledConv
 from train.models.pplcnet_v3 import LearnableAffineBlock, LearnableRepLayer
 from train.weights import load_checkpoint, load_detector, load_state_strict
 
@@ -156,10 +157,10 @@ def test_build_detector_by_name_and_unknown_name():
         zoo.build_detector("det_r50")
 
 
-def test_fold_affines_keeps_the_function_and_leaves_the_original():
-    """The affines folded into their convs, for the pretrained values and for others: same maps, 37 of 56 gone
-    (the rest feed padded convs or SE blocks, leave the backbone or sit unused in stride-2 layers), the original
-    untouched, a second fold a no-op."""
+def test_inference_form_keeps_the_function_and_leaves_the_original():
+    """The affines folded into their convs, for the pretrained values and for others: 37 of 56 gone (the rest feed
+    padded convs or SE blocks, leave the backbone or sit unused in stride-2 layers); the heads' last transposed
+    conv a pixel-shuffled 1x1 conv; same maps; the original untouched; a second pass a no-op."""
     pretrained = load_detector("ppocrv4_det", "pretrained")
     x = paddle.to_tensor(np.random.default_rng(1).uniform(-1, 1, (1, 3, 256, 320)).astype(np.float32))
     retrained = copy.deepcopy(pretrained)
@@ -167,15 +168,22 @@ def test_fold_affines_keeps_the_function_and_leaves_the_original():
     for name, param in retrained.named_parameters():
         if ".lab." in name:
             param.set_value(np.float32([rng.uniform(0.7, 1.4) if name.endswith("scale") else rng.uniform(-0.3, 0.3)]))
-    for model in (pretrained, retrained):
+    paddle.seed(0)
+    mv3 = zoo.det_mv3_db()
+
+    def affines(model):
+        return sum(isinstance(layer, LearnableAffineBlock) for layer in model.sublayers())
+
+    for model, rewrites in ((pretrained, 37 + 2), (retrained, 37 + 2), (mv3, 2)):
         model.eval()
-        folded = copy.deepcopy(model)
-        assert zoo.fold_affines(folded) == 37 and zoo.fold_affines(folded) == 0
-        assert sum(isinstance(layer, LearnableAffineBlock) for layer in folded.sublayers()) == 56 - 37
-        assert sum(isinstance(layer, LearnableAffineBlock) for layer in model.sublayers()) == 56
+        simplified = copy.deepcopy(model)
+        assert zoo.simplify_for_inference(simplified) == rewrites and zoo.simplify_for_inference(simplified) == 0
+        assert affines(simplified) == affines(model) - (rewrites - 2)
+        assert isinstance(simplified.head.binarize.conv3, PixelShuffledConv)
+        assert isinstance(model.head.binarize.conv3, paddle.nn.Conv2DTranspose)
         with paddle.no_grad():
-            expected, actual = model(x)["maps"].numpy(), folded(x)["maps"].numpy()
+            expected, actual = model(x)["maps"].numpy(), simplified(x)["maps"].numpy()
         # Same kernels in one process: only the folded products' rounding differs (2e-6 measured); dropping one
-        # affine's bias or scale moves the maps by 1e-2 or more.
+        # affine's bias or scale, or a pixel shuffle in the wrong order, moves the maps by 1e-2 or more.
         assert float(np.abs(actual - expected).max()) <= 1e-5
-    assert zoo.fold_affines(zoo.det_mv3_db()) == 0 and zoo.fold_affines(zoo.ppocrv3_det()) == 0
+    assert affines(pretrained) == 56 and affines(mv3) == 0

@@ -20,7 +20,7 @@ from paddle.static import InputSpec
 
 from train.errors import ConfigError
 from train.models.detector import check_input_size
-from train.models.zoo import fold_affines
+from train.models.zoo import simplify_for_inference
 
 EXPORT_PREFIX = "inference"
 PIR_MODEL_FILE = "inference.json"
@@ -109,8 +109,8 @@ def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int
 
     ``input_size=None`` exports a dynamic (N, 3, H, W) input as PaddleOCR does; a size fixes (1, 3, H, W).
     Several formats share one params file: the second save must write the same bytes, which is checked.
-    What is saved is ``inference_form(model)``: a copy with PPLCNetV3's scalar affines folded into their convs,
-    the same function with fewer ops to run; ``model`` itself is left as it is. ``paddle.jit.save`` is given a layer,
+    What is saved is ``inference_form(model)``: a copy with cheaper equivalents of some layers (the same function
+    with fewer or faster ops); ``model`` itself is left as it is. ``paddle.jit.save`` is given a layer,
     which converts a copy of ``forward``: the model stays an ordinary dygraph layer (``paddle.jit.to_static(model)``
     would replace its ``forward`` for good).
     """
@@ -135,13 +135,14 @@ def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int
 
 
 def inference_form(model: nn.Layer) -> nn.Layer:
-    """``model`` with its affines folded (``zoo.fold_affines``) as a copy whose parameters keep the original's
-    names (a deep copy appends a process-wide counter to them, and the program records them: the same model
-    would write other bytes after every copy made before); ``model`` itself when it has nothing to fold."""
-    folded = copy.deepcopy(model)
-    for copied, original in zip(folded.parameters(), model.parameters(), strict=True):
+    """``model`` as it is exported: a copy with the layers that have a cheaper inference equivalent rewritten
+    (``zoo.simplify_for_inference``), whose parameters keep the original's names (a deep copy appends a
+    process-wide counter to them, and the program records them: the same model would write other bytes after every
+    copy made before); ``model`` itself when nothing applies."""
+    simplified = copy.deepcopy(model)
+    for copied, original in zip(simplified.parameters(), model.parameters(), strict=True):
         copied.name = original.name
-    return folded if fold_affines(folded) else model
+    return simplified if simplify_for_inference(simplified) else model
 
 
 def exported_size(model_dir: str | Path) -> int:
@@ -158,7 +159,7 @@ class InferenceSession:
     """
 
     def __init__(self, model_dir: str | Path, threads: int = 2, use_mkldnn: bool = True, ir_optim: bool = True,
-                 program: str | None = None) -> None:
+                 program: str | None = None, profile: bool = False) -> None:
         model_file, params_file = inference_files(model_dir, program)
         config = paddle.inference.Config(str(model_file), str(params_file))
         config.disable_gpu()
@@ -169,6 +170,8 @@ class InferenceSession:
             config.disable_mkldnn()
         config.set_cpu_math_library_num_threads(threads)
         config.disable_glog_info()
+        if profile:  # per-op-type times, printed to stdout when the predictor is destroyed (prune.profile)
+            config.enable_profile()
         self._predictor = paddle.inference.create_predictor(config)
         self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
         self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])

@@ -37,6 +37,31 @@ def _transposed_x2(in_channels: int, out_channels: int) -> nn.Conv2DTranspose:
     )
 
 
+class PixelShuffledConv(nn.Layer):
+    """A x2 transposed conv (kernel 2, stride 2, no padding) computed as a 1x1 conv to 4x the channels followed by
+    a depth-to-space (``pixel_shuffle``): the same sums (bit-identical maps measured), a cheaper engine path.
+
+    Paddle Inference's oneDNN transposed conv to one channel writes a channel-blocked map and then adds its bias
+    over it: on PP-OCRv4 at 640x640 the head's last transposed conv and its bias add took 12% of a −50% model's
+    time; as a 1x1 conv it is 0.90x (2 threads) / 0.86x (1 thread) the whole model's latency (README "Export").
+    """
+
+    def __init__(self, deconv: nn.Conv2DTranspose) -> None:
+        super().__init__()
+        weight = deconv.weight  # [in, out, 2, 2]
+        assert list(weight.shape[2:]) == [2, 2] and deconv._stride == [2, 2] and deconv._groups == 1 and \
+            deconv._padding in (0, [0, 0], [0, 0, 0, 0]), "only a x2 transposed conv with kernel 2 is a pixel shuffle"
+        in_channels, out_channels = weight.shape[:2]
+        self.conv = nn.Conv2D(in_channels, out_channels * 4, 1)
+        # Output channel o*4 + a*2 + b of the 1x1 conv is tap (a, b) of output channel o: pixel_shuffle's order.
+        self.conv.weight.set_value(weight.transpose([1, 2, 3, 0]).reshape([out_channels * 4, in_channels, 1, 1]))
+        bias = deconv.bias if deconv.bias is not None else paddle.zeros([out_channels])
+        self.conv.bias.set_value(paddle.repeat_interleave(bias, 4))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return F.pixel_shuffle(self.conv(x), 2)
+
+
 class Head(nn.Layer):
     """3x3 conv -> BN+ReLU -> x2 transposed conv -> BN+ReLU -> x2 transposed conv to 1 channel -> sigmoid."""
 
@@ -53,6 +78,15 @@ class Head(nn.Layer):
         x = self.conv_bn1(self.conv1(x))
         x = self.conv_bn2(self.conv2(x))
         return F.sigmoid(self.conv3(x))
+
+    @paddle.no_grad()
+    def simplify_for_inference(self) -> int:
+        """The last transposed conv (to one channel) becomes a ``PixelShuffledConv``, in place; 1 if it changed.
+        The middle one stays: on many channels oneDNN's transposed conv is the faster path (1.02-1.06x measured)."""
+        if isinstance(self.conv3, PixelShuffledConv):
+            return 0
+        self.conv3 = PixelShuffledConv(self.conv3)
+        return 1
 
 
 class DBHead(nn.Layer):

@@ -357,7 +357,7 @@ class LCNetV3Block(nn.Layer):
         )
 
     @paddle.no_grad()
-    def fold_affine(self) -> int:
+    def simplify_for_inference(self) -> int:
         """Fold both ``LearnableRepLayer``s' inner affines into their convs, and the depthwise layer's activation
         affine into the pointwise 1x1 conv it feeds when no SE sits between (``LearnableRepLayer.fold_affine``).
         The pointwise layer's activation affine stays: it feeds a padded kxk conv or leaves the backbone.

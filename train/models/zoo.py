@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import paddle
 
 from train.errors import ConfigError
-from train.models.db_head import DBHead
+from train.models.db_head import DBHead, Head
 from train.models.detector import DBDetector
 from train.models.fpn import DBFPN, RSEFPN
 from train.models.mobilenet_v3 import MobileNetV3
@@ -26,6 +26,7 @@ from train.models.pplcnet_v3 import LCNetV3Block, LearnableRepLayer, PPLCNetV3
 # fails with "Duplicate parameter"). Paddle applies the prefix to both the layer and the parameter name, so the
 # names read ``rep_rep_conv2d_N.w_0``.
 REP_NAME_PREFIX = "rep_"
+INFERENCE_NAME_PREFIX = "inference_"
 
 
 def det_mv3_db() -> DBDetector:
@@ -123,14 +124,18 @@ def reparameterize(model: paddle.nn.Layer) -> paddle.nn.Layer:
     return model
 
 
-def fold_affines(model: paddle.nn.Layer) -> int:
-    """Fold PPLCNetV3's scalar ``LearnableAffineBlock``s into the convs beside them wherever that is exact, in
-    place; returns how many were folded (0 for models without them).
+def simplify_for_inference(model: paddle.nn.Layer) -> int:
+    """Rewrite the layers that have a cheaper inference equivalent, in place; returns how many were rewritten.
 
-    Paddle Inference and onnxruntime run each affine as a multiply and an add over a full feature map and fuse
-    neither (README "Export"). An affine right after a fused conv, or right before a 1x1 conv, folds into that
-    conv's weights; those feeding a padded depthwise conv, an SE block or the neck stay. Inference only: the
-    folded model's state_dict lacks the folded affines, so export a copy and keep the original for training and
-    checkpoints.
+    Paddle Inference and onnxruntime do not find these themselves (README "Export"): PPLCNetV3's scalar
+    ``LearnableAffineBlock``s are folded into the convs beside them wherever that is exact (``LCNetV3Block``; a
+    multiply and an add over a full feature map each), and the DB head's last transposed conv becomes a 1x1 conv
+    and a pixel shuffle (``Head``). Same function up to float rounding. Inference only: the rewritten model's
+    state_dict differs, so rewrite a copy (``train.inference.inference_form``) and keep the original for training
+    and checkpoints.
     """
-    return sum(layer.fold_affine() for layer in model.sublayers() if isinstance(layer, LCNetV3Block))
+    # New layers get auto names from a prefixed generator, so they cannot collide with the model's (see
+    # REP_NAME_PREFIX).
+    with paddle.utils.unique_name.guard(INFERENCE_NAME_PREFIX):
+        return sum(layer.simplify_for_inference() for layer in model.sublayers()
+                   if isinstance(layer, (LCNetV3Block, Head)))
