@@ -16,10 +16,12 @@ import numpy as np
 import paddle
 import pytest
 from paddle import nn
+from paddle.base.proto import framework_pb2
 
 from conftest import run_cli
 from prune.measure import Measurement, count_flops, count_params, layer_flops, measure, measure_latency
-from train.inference import PARAMS_FILE, PIR_MODEL_FILE, InferenceSession, export_inference, exported_size
+from train.inference import (PARAMS_FILE, PIR_MODEL_FILE, InferenceSession, export_inference, exported_size,
+                             inference_form)
 from train.errors import ConfigError
 from train.models import zoo
 from train.trainer import save_weights
@@ -161,6 +163,36 @@ def test_export_is_pir_and_params_equal_the_exported_tensors(ppocrv4: nn.Layer, 
     export_inference(ppocrv4, tmp_path / "b")
     assert exported_size(tmp_path / "a") == exported_size(tmp_path / "b")
     assert exported_size(tmp_path / "a") >= 4 * count_params(ppocrv4)
+
+
+def test_legacy_program_adds_conv_biases_per_channel(ppocrv4: nn.Layer, tmp_path: Path):
+    """Every biased conv's bias is added by elementwise_add(axis=1) of the parameter itself (the pattern Paddle
+    Inference's legacy conv-bias fusion matches), not through a reshape2; the one transposed conv left keeps
+    Paddle's own pattern. The program still computes the model."""
+    export_inference(ppocrv4, tmp_path, formats=("legacy",))
+    program = framework_pb2.ProgramDesc()
+    program.ParseFromString((tmp_path / "inference.pdmodel").read_bytes())
+    ops = program.blocks[0].ops
+
+    def inputs(op, slot):
+        return [name for var in op.inputs if var.parameter == slot for name in var.arguments]
+
+    def axis(op):
+        return next(attr.i for attr in op.attrs if attr.name == "axis")
+
+    conv_outputs = {name for op in ops if op.type in ("conv2d", "depthwise_conv2d")
+                    for var in op.outputs for name in var.arguments}
+    bias_adds = [op for op in ops if op.type == "elementwise_add" and inputs(op, "X")[0] in conv_outputs
+                 and inputs(op, "Y")[0].endswith(".b_0")]
+    biased = [name for name, layer in inference_form(ppocrv4).named_sublayers() if isinstance(layer, nn.Conv2D)
+              and layer.bias is not None and not name.startswith("head.thresh")]  # the train-only branch
+    assert len(bias_adds) == len(biased) > 50
+    assert all(axis(op) == 1 for op in bias_adds)
+    assert [op.type for op in ops].count("reshape2") == 1
+    batch = np.random.default_rng(3).uniform(-1, 1, (1, 3, 96, 128)).astype(np.float32)
+    with paddle.no_grad():
+        expected = ppocrv4(paddle.to_tensor(batch))["maps"].numpy()
+    assert float(np.abs(InferenceSession(tmp_path, 1, use_mkldnn=False)(batch) - expected).max()) <= 1e-5
 
 
 # The deployment size for the default model; det_mv3_db (4x the FLOPs) smaller to keep the file quick.

@@ -16,6 +16,7 @@ import numpy as np
 import paddle
 from paddle import nn
 from paddle.base import framework
+from paddle.base.layer_helper import LayerHelper
 from paddle.static import InputSpec
 
 from train.errors import ConfigError
@@ -134,15 +135,46 @@ def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int
     return [out_dir / PROGRAM_FILES[program] for program in formats]
 
 
+class ChannelBiasConv2D(nn.Conv2D):
+    """``nn.Conv2D`` whose legacy static program adds its bias the way PaddleOCR's exports do.
+
+    Paddle 3's legacy (old IR) conv adds a bias through ``reshape2`` + ``elementwise_add(axis=-1)``, which Paddle
+    Inference's legacy oneDNN passes do not fuse into the conv: our legacy programs (what RapidOCR and PaddleOCR
+    2.x load) ran each bias add, and then each activation, as ops of their own over the whole feature map. Here the
+    bias is added by ``elementwise_add(axis=1)`` of the parameter itself, the pattern the conv-bias fusion pass
+    matches. Dygraph and PIR programs run ``nn.Conv2D.forward`` unchanged. Uses Paddle's ``_conv_nd`` and
+    ``LayerHelper`` (verified on Paddle 3.1.1; ``tests/test_measure.py`` counts the ops of the program).
+    """
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if (self.bias is None or self._padding_mode != "zeros" or paddle.in_dynamic_mode()
+                or paddle.framework.in_pir_mode()):
+            return super().forward(x)
+        out = nn.functional.conv._conv_nd(
+            x, self.weight, bias=None, stride=self._stride, padding=self._updated_padding,
+            padding_algorithm=self._padding_algorithm, dilation=self._dilation, groups=self._groups,
+            data_format=self._data_format, channel_dim=self._channel_dim, op_type=self._op_type,
+            use_cudnn=self._use_cudnn)
+        helper = LayerHelper("elementwise_add")
+        biased = helper.create_variable_for_type_inference(out.dtype)
+        helper.append_op(type="elementwise_add", inputs={"X": [out], "Y": [self.bias]}, outputs={"Out": [biased]},
+                         attrs={"axis": 1})
+        return biased
+
+
 def inference_form(model: nn.Layer) -> nn.Layer:
     """``model`` as it is exported: a copy with the layers that have a cheaper inference equivalent rewritten
-    (``zoo.simplify_for_inference``), whose parameters keep the original's names (a deep copy appends a
-    process-wide counter to them, and the program records them: the same model would write other bytes after every
-    copy made before); ``model`` itself when nothing applies."""
+    (``zoo.simplify_for_inference``) and its biased convs as ``ChannelBiasConv2D``, whose parameters keep the
+    original's names (a deep copy appends a process-wide counter to them, and the program records them: the same
+    model would write other bytes after every copy made before). The same function, up to float rounding."""
     simplified = copy.deepcopy(model)
     for copied, original in zip(simplified.parameters(), model.parameters(), strict=True):
         copied.name = original.name
-    return simplified if simplify_for_inference(simplified) else model
+    simplify_for_inference(simplified)
+    for layer in simplified.sublayers():
+        if type(layer) is nn.Conv2D and layer.bias is not None:
+            layer.__class__ = ChannelBiasConv2D
+    return simplified
 
 
 def exported_size(model_dir: str | Path) -> int:
