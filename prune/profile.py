@@ -15,8 +15,9 @@ FLOPs per kind are ``prune.measure.layer_flops`` grouped by layer type.
 
 Command line: ``python -m prune.profile [model=...] [plan=path.json [weights=pruned.pdparams]]
 [profile.input_size=[640,640]] [profile.threads=1]`` (``conf/prune_profile.yaml``). Last stdout line:
-``ms=<float> conv_share=<f> elementwise_share=<f> ...`` (each kind's time share) for the model named (the pruned
-one with a plan), and with a plan ``latency_ratio_profiled=<f>`` (its total over the unpruned model's).
+``ms=<float> transposed_conv_share=<f> conv_share=<f> batch_norm_share=<f> elementwise_share=<f> resize_share=<f>
+other_share=<f>`` (each kind's time share) for the model named (the pruned one with a plan), and with a plan
+``latency_ratio_profiled=<f>`` (its total over the unpruned model's).
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def profile_program(folder: Path, input_size: tuple[int, int], threads: int, war
     """
     batch = np.random.default_rng(0).random((1, 3, *input_size), dtype=np.float32)
     with quiet_host():
-        short = _profiled_runs(folder, batch, threads, warmup, use_mkldnn)
+        short = _profiled_runs(folder, batch, threads, warmup, use_mkldnn) if warmup else {}
         long = _profiled_runs(folder, batch, threads, warmup + runs, use_mkldnn)
     rows = []
     for op, (calls, ms) in long.items():
