@@ -26,16 +26,10 @@ def host_lock(path: Path) -> Iterator[None]:
     The kernel drops the lock when its descriptor is closed, so a worker killed inside the block cannot leave it
     held.
     """
-    if path.is_dir():
-        fd = os.open(path, os.O_RDONLY)
-    else:
+    if not path.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with _flock(path, fcntl.LOCK_EX):
         yield
-    finally:
-        os.close(fd)
 
 
 def build_folder(root: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None],
@@ -74,7 +68,8 @@ def build_folder(root: Path, is_complete: Callable[[Path], bool], build: Callabl
 
 @contextmanager
 def _flock(path: Path, operation: int) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold `flock(operation)` on `path` (a directory, or a file created if missing) for the block."""
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, operation)
         yield
