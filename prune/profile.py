@@ -126,9 +126,23 @@ def parse_op_table(lines: list[str]) -> dict[str, tuple[int, float]]:
     return rows
 
 
+@contextmanager
+def _working_directory(path: str) -> Iterator[None]:
+    saved = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(saved)
+
+
 def _profiled_runs(folder: Path, batch: np.ndarray, threads: int, runs: int,
                    use_mkldnn: bool) -> dict[str, tuple[int, float]]:
-    with _stdout_captured() as lines:
+    folder = Path(folder).resolve()
+    # Besides the printed table, the profiler writes a binary "./profile.log" into the working directory: keep it
+    # out of the user's folder.
+    with tempfile.TemporaryDirectory(prefix="profile-cwd-") as scratch, _working_directory(scratch), \
+            _stdout_captured() as lines:
         session = InferenceSession(folder, threads, use_mkldnn, profile=True)
         for _ in range(runs):
             session(batch)

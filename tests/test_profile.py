@@ -45,13 +45,16 @@ LAST_LINE = re.compile(r"^ms=([0-9.]+) transposed_conv_share=([0-9.]+) conv_shar
 
 
 def test_cli_prints_the_tables_and_a_last_line(tmp_path: Path, cache_env):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     proc = run_cli("prune.profile", ["profile.input_size=[64,64]", "profile.warmup=1", "profile.runs=2",
-                                     f"hydra.run.dir={tmp_path}"], cache_env)
+                                     f"hydra.run.dir={tmp_path}"], cache_env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
+    assert list(cwd.iterdir()) == []  # Paddle's profiler dump (./profile.log) stays out of the user's folder
     lines = proc.stdout.strip().splitlines()
     assert "| kind | time share | FLOPs share | ms |" in lines and any("fused_conv2d" in line for line in lines)
     match = LAST_LINE.match(lines[-1])
     assert match, lines[-1]
     assert float(match.group(1)) > 0 and sum(float(share) for share in match.groups()[1:]) == pytest.approx(1, abs=1e-3)
-    bad = run_cli("prune.profile", ["profile.runs=0", f"hydra.run.dir={tmp_path}"], cache_env)
+    bad = run_cli("prune.profile", ["profile.runs=0", f"hydra.run.dir={tmp_path}"], cache_env, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: profile.threads=1, profile.runs=0")
