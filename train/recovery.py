@@ -65,7 +65,7 @@ class RecoverySettings:
     crop_size: int = 384
     augment: bool = True
     map_weight: float = 1.0
-    map_loss: str = "kl"
+    map_loss: str = "dice"
     feature_weight: float = 10.0
     backbone_weight: float = 10.0
     label_weight: float = 1.0
@@ -171,7 +171,7 @@ class DistillationLoss:
     """
 
     def __init__(self, student: paddle.nn.Layer, teacher: paddle.nn.Layer, map_weight: float = 1.0,
-                 map_loss: str = "kl", feature_weight: float = 0.0,
+                 map_loss: str = "dice", feature_weight: float = 0.0,
                  feature_channels: Sequence[int] | None = None, label_weight: float = 0.0,
                  db_loss: DBLoss | None = None, backbone_weight: float = 0.0,
                  backbone_channels: Sequence[Sequence[int]] | None = None) -> None:
