@@ -37,8 +37,8 @@ from prune.groups import discover_groups
 from prune.latency import LatencyRatio, Runner, round_settings, timed_rounds
 from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned, weights_hash
-from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_model,
-                              recover_candidate, time_against_unpruned)
+from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_against_unpruned,
+                              recover_candidate)
 from search.study import (STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage,
                           storage_file)
 from search.app import tracker_for
@@ -353,8 +353,7 @@ def main(cfg: DictConfig) -> None:
     guard = guard_candidate(cfg, model, teacher, data)
     target, diff, deployed_diff, onnx_diff = _write_export(model, plan, cfg, target,
                                                            parity_images(data.eval_set, cfg.export.parity.images))
-    measured: Measurement = measure_model(model, cfg)
-    latency = time_against_unpruned(model, teacher, cfg)
+    measured, latency = measure_against_unpruned(model, teacher, cfg)
     onnx_latency = onnx_latency_ratio(teacher, cfg, target) if onnx_diff is not None else None
 
     reference = Measurement.from_json(study.user_attrs[STUDY_REFERENCE])  # what the trial's ratios are relative to

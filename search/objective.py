@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune.distill import backbone_feature_channels, neck_feature_channels
 from prune.groups import ChannelGroup, discover_groups
-from prune.latency import LatencyRatio, latency_ratio, round_settings
-from prune.measure import Measurement, measure
+from prune.latency import LatencyRatio, round_settings
+from prune.measure import Measurement, measure, measure_against
 from prune.plan import PruningPlan, apply_plan, make_plan
 from search.pareto import dominated_with_margin
 from search.space import cut_counts
@@ -141,10 +141,12 @@ def measure_model(model: paddle.nn.Layer, cfg: DictConfig) -> Measurement:
                    use_mkldnn=m.use_mkldnn)
 
 
-def time_against_unpruned(model: paddle.nn.Layer, unpruned: paddle.nn.Layer, cfg: DictConfig) -> LatencyRatio:
-    """The candidate's latency ratio to the unpruned model, timed interleaved with it (`prune.latency`)."""
-    return latency_ratio(model, unpruned, tuple(cfg.prune.input_size), threads=cfg.measure.threads,
-                         use_mkldnn=cfg.measure.use_mkldnn, **round_settings(cfg.measure))
+def measure_against_unpruned(model: paddle.nn.Layer, unpruned: paddle.nn.Layer,
+                             cfg: DictConfig) -> tuple[Measurement, LatencyRatio]:
+    """The candidate's costs, its latency timed interleaved with the unpruned model's (`prune.measure_against`):
+    each exported and timed once."""
+    return measure_against(model, unpruned, tuple(cfg.prune.input_size), threads=cfg.measure.threads,
+                           use_mkldnn=cfg.measure.use_mkldnn, **round_settings(cfg.measure))
 
 
 def recover_candidate(student: paddle.nn.Layer, teacher: paddle.nn.Layer, plan: PruningPlan,
@@ -240,8 +242,8 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
 
     tic = time.perf_counter()
     unpruned = detector_from_config(cfg.model)  # the latency reference, and the teacher if there is recovery
-    result = TrialResult(plan=plan, measurement=measure_model(model, cfg), reference=reference,
-                         latency=time_against_unpruned(model, unpruned, cfg))
+    measurement, latency = measure_against_unpruned(model, unpruned, cfg)
+    result = TrialResult(plan=plan, measurement=measurement, reference=reference, latency=latency)
     result.seconds["measure"] = time.perf_counter() - tic
     sink.log_metrics(result.cost_metrics())
 

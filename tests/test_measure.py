@@ -19,7 +19,8 @@ from paddle import nn
 from paddle.base.proto import framework_pb2
 
 from conftest import run_cli
-from prune.measure import Measurement, count_flops, count_params, layer_flops, measure, measure_latency
+from prune.measure import (Measurement, count_flops, count_params, layer_flops, measure, measure_against,
+                           measure_latency)
 from train.inference import (PARAMS_FILE, PIR_MODEL_FILE, InferenceSession, export_inference, exported_size,
                              inference_form)
 from train.errors import ConfigError
@@ -229,6 +230,14 @@ def test_measure_leaves_model_as_it_was_and_round_trips(ppocrv4: nn.Layer):
     assert result.latency_ms > 0 and result.input_size == (64, 64)
     assert Measurement.from_json(result.to_json()) == result
     assert RESULT_LINE.match(result.result_line())
+
+
+def test_measure_against_a_reference_times_each_once_and_reports_the_candidate_median(ppocrv4: nn.Layer):
+    small = zoo.build_detector("det_mv3_db")
+    result, ratio = measure_against(small, ppocrv4, (64, 64), threads=1, warmup=1, min_rounds=4, max_rounds=4)
+    assert result.flops == count_flops(small, (64, 64)) and result.params == count_params(small)
+    assert (result.latency_ms, result.runs, result.warmup) == (ratio.candidate_ms, 4, 1) and ratio.rounds == 4
+    assert 0 < ratio.low <= ratio.ratio <= ratio.high and ratio.reference_ms > 0
 
 
 def test_bad_input_size_and_timing_are_config_errors(ppocrv4: nn.Layer):
