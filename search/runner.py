@@ -12,13 +12,11 @@ import logging
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, Trial, TrialState
 
@@ -33,13 +31,13 @@ from search.objective import load_trial_data, study_datasets
 from search.pareto import Selection, format_front, pareto_front, plot_front, select
 from search.pareto import write_csv as write_records
 from search.prior import Prior, always_skip_groups, build_prior, check_always_skip
-from search.space import Candidate, SearchSpace, cut_counts, params_for, params_for_target, suggest
+from search.sampling import TrialSeededSampler, make_sampler, warm_start_trials
+from search.space import Candidate, SearchSpace, suggest
 from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, FINISHED, STALE_REASON,
                           STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE, STUDY_SETTINGS, STUDY_SPACE,
                           TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_PROJECTED_FLOPS, TRIAL_RATIOS,
-                          TRIAL_RUN_ID, TRIAL_SCREENED_OUT, TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD,
-                          TRIAL_SKIP_SET, TRIAL_TARGET, TRIAL_WORKER, Budget, WarmStart, claim_creation,
-                          constraints_func, count_finished, enqueue_warm_start, fail_stale_trials, give_up,
+                          TRIAL_RUN_ID, TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_TARGET, TRIAL_WORKER, Budget,
+                          claim_creation, count_finished, enqueue_warm_start, fail_stale_trials, give_up,
                           last_heartbeat, make_storage, mask_url, open_study, over_budget, storage_file,
                           storage_where, trial_records)
 from search.tracking import RunLogger
@@ -65,60 +63,6 @@ class TrialsCrashed(RuntimeError):
 # (trial numbers, per-job overrides) -> one JobReturn per job, in order.
 Launch = Callable[[Sequence[int], Sequence[Sequence[str]]], Sequence[JobReturn]]
 
-# TPE's multivariate/group modes and a few samplers are "experimental" in Optuna, with a warning per trial.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def make_sampler(cfg: DictConfig, offset: int) -> optuna.samplers.BaseSampler:
-    """The configured sampler with its seed shifted by `offset`."""
-    kwargs = {}
-    if cfg.search.sampler.get("seed") is not None:
-        kwargs["seed"] = int(cfg.search.sampler.seed) + offset
-    func = constraints_func(study_constraints(cfg))
-    if func is not None:
-        kwargs["constraints_func"] = func
-    try:
-        return instantiate(cfg.search.sampler, **kwargs)
-    except Exception as exc:  # Hydra wraps import and argument errors alike
-        raise ConfigError(f"search.sampler: cannot build {cfg.search.sampler.get('_target_')!r} "
-                          f"({str(exc).splitlines()[0]})") from None
-
-
-class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """The configured sampler, built afresh for each trial with its seed shifted by the trial's number.
-
-    One sampler per invocation would give workers started together identically seeded generators (they would
-    propose the same plans), and a resumed study would replay the draws of the invocation before it. Seeding by
-    trial number avoids both and keeps a one-worker study reproducible. Optuna's samplers keep what they learn
-    in the study, not in the object, so a fresh instance per trial loses nothing.
-    """
-
-    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler]):
-        self._build = build
-        self._number = -1
-        self._sampler = build(0)  # fails now, in one line, if the sampler config is wrong
-
-    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
-        if trial.number != self._number:
-            self._sampler, self._number = self._build(trial.number), trial.number
-        return self._sampler
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._for(trial).before_trial(study, trial)
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial):
-        return self._for(trial).infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space):
-        return self._for(trial).sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution):
-        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
-        self._for(trial).after_trial(study, trial, state, values)
-
-
 def _masked(node: Any) -> Any:
     """`node` (plain containers) with a password in any URL string masked."""
     if isinstance(node, dict):
@@ -126,22 +70,6 @@ def _masked(node: Any) -> Any:
     if isinstance(node, list):
         return [_masked(v) for v in node]
     return mask_url(node) if isinstance(node, str) else node
-
-
-def warm_start_trials(prior: Prior, unpruned: bool) -> list[WarmStart]:
-    """The unpruned model first (the baseline from trial 0), then the seed rule's plans by target (in a projected
-    space: its centres, which are those plans)."""
-    space = prior.space
-    # A projected space has no parameters for "cut nothing": the runner knows the unpruned trial by its tag.
-    trials = ([WarmStart({} if space.targets else params_for(space, {}), {TRIAL_BASELINE: BASELINE_UNPRUNED})]
-              if unpruned else [])
-    for plan in prior.seed_rule:
-        params = (params_for_target(space, plan.target_reduction) if space.targets
-                  else params_for(space, cut_counts(plan.plan)))
-        trials.append(WarmStart(params, {
-            TRIAL_BASELINE: BASELINE_SEED_RULE, TRIAL_TARGET: plan.target_reduction,
-            TRIAL_SEED_RULE_REDUCTION: plan.reduction, TRIAL_SEED_RULE_THRESHOLD: plan.threshold}))
-    return trials
 
 
 class StudyRunner:
