@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from prune.graph import CONV_OPS, TRANSPOSED_CONV_OPS, Op, TracedGraph, conv_macs, trace
 from train.cli import exit_on_user_error, print_result_line, run_app
+from train.models.detector import HEAD_PREFIX, TRAIN_ONLY_PREFIX
 from train.models.zoo import build_detector
 
 PRODUCER = "producer"
@@ -43,9 +44,7 @@ KINDS = ("residual", "depthwise", "se", "fpn_add", "concat", "head", "transposed
 
 # The DB head's threshold branch runs only in training (DB loss); channels it alone produces never reach
 # inference, so cutting them would only save training compute and would change nothing measurable.
-THRESH_PREFIX = "head.thresh."
-HEAD_PREFIX = "head."
-REASON_THRESH = "train-only head.thresh branch"
+REASON_THRESH = f"train-only {TRAIN_ONLY_PREFIX.rstrip('.')} branch"
 REASON_OUTPUT = "feeds model output"
 REASON_INPUT = "model input"
 
@@ -349,7 +348,7 @@ def _build_group(coupling: _Coupling, roots: list[int], slots_of: dict[int, dict
             reason = reason or f"uneven coupling of {slot[0]} axis {slot[1]}"
             continue
         members.append(Member(slot[0], slot[1], tuple(i[0] for i in per_channel), params[slot].role))
-    if not reason and all(key.startswith(THRESH_PREFIX) for key, _ in producers):
+    if not reason and all(key.startswith(TRAIN_ONLY_PREFIX) for key, _ in producers):
         reason = REASON_THRESH
     kinds = set().union(*(tags.get(r, set()) for r in roots))
     if any(key.startswith(HEAD_PREFIX) for key, _ in producers):

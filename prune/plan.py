@@ -28,7 +28,6 @@ from prune.criteria import CRITERIA, Criterion, rank_channels
 from prune.graph import check_input_size
 from prune.groups import ChannelGroup, discover_groups
 from train.errors import ConfigError
-from train.models.pplcnet_v3 import LearnableRepLayer
 from train.models.zoo import MODEL_NAMES, build_detector
 from train.weights import load_checkpoint
 
@@ -262,11 +261,10 @@ def _refresh_layer_attributes(model: paddle.nn.Layer) -> None:
             layer._out_channels = out_per_group * layer._groups
         elif isinstance(layer, paddle.nn.BatchNorm2D):
             layer._num_features = layer.weight.shape[0]
-    # ``rep()`` builds the fused conv from these, so a pruned training-form model must still fuse correctly.
+    # Zoo layers that cache channel counts of their own (PPLCNetV3's re-parameterizable layers) re-read them.
     for layer in model.sublayers(include_self=True):
-        if isinstance(layer, LearnableRepLayer):
-            conv = layer.reparam_conv if layer.is_repped else layer.conv_kxk[0].conv
-            layer.in_channels, layer.out_channels, layer.groups = conv._in_channels, conv._out_channels, conv._groups
+        if hasattr(layer, "refresh_channel_counts"):
+            layer.refresh_channel_counts()
 
 
 def _storage_place(tensor: paddle.Tensor) -> paddle.CPUPlace | paddle.CUDAPlace:

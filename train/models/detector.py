@@ -26,6 +26,11 @@ class DBDetector(nn.Layer):
         return self.head(self.neck(self.backbone(x)))
 
 
+# State-dict prefixes of the DB detector's parts that pruning and loading treat specially: everything under the
+# head, and the head's threshold branch, which runs only in training (the DB loss) and never reaches inference.
+HEAD_PREFIX = "head."
+TRAIN_ONLY_PREFIX = "head.thresh."
+
 # The detectors' FPN halves the input 5 times and adds upsampled maps back: sides must divide evenly.
 INPUT_MULTIPLE = 32
 
