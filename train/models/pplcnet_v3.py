@@ -211,13 +211,13 @@ class LearnableRepLayer(nn.Layer):
             out = self.act(out)
         return out
 
-    @paddle.no_grad()
     def refresh_channel_counts(self) -> None:
         """Re-read the channel counts ``rep()`` builds the fused conv from out of the conv weights (after pruning
         cut them), so a pruned training-form layer still fuses correctly."""
         conv = self.reparam_conv if self.is_repped else self.conv_kxk[0].conv
         self.in_channels, self.out_channels, self.groups = conv._in_channels, conv._out_channels, conv._groups
 
+    @paddle.no_grad()
     def rep(self) -> None:
         """Fuse the branches into ``reparam_conv`` in place and delete them (no-op if already fused).
 
