@@ -265,16 +265,17 @@ def measure_against(
     input_size: tuple[int, int] = (640, 640),
     threads: int = 2,
     use_mkldnn: bool = True,
+    warmup: int = 3,
     **rounds: Any,
 ) -> tuple[Measurement, LatencyRatio]:
     """``measure`` of ``model`` whose latency comes from timing it interleaved with ``reference``
-    (``prune.latency.timed_rounds``; ``rounds``: its warm-up and round settings).
+    (``prune.latency.timed_rounds``; ``warmup`` untimed runs of each, ``rounds``: its round settings).
 
     Each model is exported once and timed once, in one quiet spell of the host: ``latency_ms`` is the median of the
     candidate's timed rounds (``runs`` records how many), beside the ratio with its interval.
     """
     input_size = check_input_size(input_size)
-    _check_timing(threads, rounds.get("warmup", 3), 1)
+    _check_timing(threads, warmup, 1)
     trace = _trace(model, input_size)
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
         candidate_dir, reference_dir = Path(tmp) / "candidate", Path(tmp) / "reference"
@@ -282,10 +283,10 @@ def measure_against(
         export_inference(reference, reference_dir)
         size_bytes = exported_size(candidate_dir)
         ratio = interleaved_ratio(candidate_dir, reference_dir, input_size, threads=threads, use_mkldnn=use_mkldnn,
-                                  **rounds)
+                                  warmup=warmup, **rounds)
     measurement = Measurement(flops=sum(trace.layer_flops.values()), params=count_params(model),
                               latency_ms=ratio.candidate_ms, size_bytes=size_bytes, input_size=input_size,
-                              threads=threads, runs=ratio.rounds, warmup=rounds.get("warmup", 3),
+                              threads=threads, runs=ratio.rounds, warmup=warmup,
                               use_mkldnn=use_mkldnn)
     return measurement, ratio
 
