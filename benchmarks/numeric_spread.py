@@ -117,7 +117,7 @@ def _measure() -> dict[str, float]:
                 out["ppocrv4_det/load_detector_fused"] = _deviation(
                     loaded(x)["maps"].numpy(), np.load(folder / "output_eval_deploy_maps.npy"))
     pretrained = weights.load_detector("ppocrv4_det", weights.PRETRAINED)
-    program = InferenceSession(weights.pretrained_model_dir(), use_mkldnn=False)
+    program = InferenceSession(weights.pretrained_model_dir("ppocrv4_det"), use_mkldnn=False)
     text = np.load(REFERENCE_DIR / "ppocrv4_det_rapidocr_weights" / "input.npy")
     noise = np.random.default_rng(0).standard_normal((1, 3, 160, 224)).astype(np.float32)
     with paddle.no_grad():

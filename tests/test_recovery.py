@@ -10,19 +10,26 @@ import numpy as np
 import paddle
 import pytest
 from omegaconf import OmegaConf
+from prune_fixtures import perturbed
 
 from prune.distill import backbone_feature_channels, neck_feature_channels
 from prune.groups import discover_groups
 from prune.plan import apply_plan, make_plan
-from prune_fixtures import perturbed
 from train.data.dataset import build_split
 from train.data.synthetic import SyntheticSpec, ensure_synthetic_dataset, label_path
 from train.errors import ConfigError
 from train.models.training_form import fuse, unfuse
 from train.models.zoo import MODEL_NAMES, build_detector, is_deploy_form, model_spec
+from train.recovery import (
+    FUSED_DIFF,
+    DistillationLoss,
+    RecoverySettings,
+    feature_distillation,
+    map_distillation,
+    recalibrate_bn,
+    recover,
+)
 from train.runtime import seed_everything
-from train.recovery import (FUSED_DIFF, DistillationLoss, RecoverySettings, feature_distillation, init_threshold_branch,
-                            map_distillation, recalibrate_bn, recover)
 from train.weights import load_detector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,27 +172,27 @@ def test_threshold_branch_initialisations(teacher: paddle.nn.Layer):
     model = copy.deepcopy(teacher)
     for tensor in model.head.thresh.parameters():
         tensor.set_value(paddle.zeros_like(tensor))
-    init_threshold_branch(model, "copy")
+    model.head.init_thresh("copy")
     features = model.neck(model.backbone(_images(3)))
     np.testing.assert_array_equal(model.head.thresh(features).numpy(), model.head.binarize(features).numpy())
 
     paddle.seed(5)
-    init_threshold_branch(model, "fresh")
+    model.head.init_thresh("fresh")
     thresh = model.head.thresh
     assert float(thresh.conv1.weight.std()) > 0
     assert not np.allclose(thresh.conv1.weight.numpy(), model.head.binarize.conv1.weight.numpy())
     np.testing.assert_array_equal(thresh.conv_bn1.weight.numpy(), 1.0)
     np.testing.assert_array_equal(thresh.conv_bn1._mean.numpy(), 0.0)
     kept = copy.deepcopy(thresh.state_dict())
-    init_threshold_branch(model, "keep")
+    model.head.init_thresh("keep")
     assert all(np.array_equal(kept[k].numpy(), v.numpy()) for k, v in thresh.state_dict().items())
 
     groups = discover_groups(model)
     ratios = {"head.binarize.conv1": 0.5, "neck.inp_conv.1.in_conv": 0.5}
     apply_plan(model, make_plan(model, "ppocrv4_det", ratios, groups=groups), groups)
     with pytest.raises(ConfigError, match="thresh_init"):
-        init_threshold_branch(model, "copy")
-    init_threshold_branch(model, "fresh")  # the train-only branch keeps its width, its input follows the neck
+        model.head.init_thresh("copy")
+    model.head.init_thresh("fresh")  # the train-only branch keeps its width, its input follows the neck
     assert list(model.head.thresh.conv1.weight.shape) == [24, 84, 3, 3]
     model.train()
     assert list(model(_images(4))["maps"].shape) == [2, 3, 64, 64]

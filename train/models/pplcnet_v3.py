@@ -20,6 +20,10 @@ from paddle.regularizer import L2Decay
 
 from train.errors import ConfigError
 
+# State_dict key fragments that tell a checkpoint's form (checkpoint loading reads them, ``train.weights``).
+TRAINING_BRANCH_KEY = ".conv_kxk."
+FUSED_KEY = ".reparam_conv."
+
 
 @dataclass(frozen=True)
 class _BlockSpec:

