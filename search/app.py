@@ -28,12 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune.measure import Measurement
 from prune.plan import PruningPlan, check_plan_fits, make_plan
-from search.config import objectives
+from search.config import mask_url, objectives
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, TrialData, TrialResult, load_trial_data, measure_model,
                               run_candidate)
 from search.space import SearchSpace
 from search.study import (STUDY_REFERENCE, STUDY_SPACE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, TrialSpec, load_study,
-                          make_storage, mask_url, screening_points, set_trial_attr, trial_spec)
+                          make_storage, screening_points, set_trial_attr, trial_spec)
 from search.tracking import RunLogger, Tracker
 from train.cli import exit_on_user_error, print_result_line
 from train.errors import ConfigError, UserError

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,11 @@ from prune.latency import check_rounds
 from prune.sensitivity import check_settings as check_sensitivity_settings
 from search.workers import resolve_workers
 from train.errors import ConfigError
+
+
+def mask_url(url: str) -> str:
+    """`url` with any password replaced by `***` (for messages and logs)."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from search.study import mask_url
+from search.config import mask_url
 from train.errors import ConfigError
 
 log = logging.getLogger(__name__)

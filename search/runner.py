@@ -25,8 +25,8 @@ from prune.groups import discover_groups
 from prune.sensitivity.report import plot_curves, write_csv
 from search.app import TrialFailed, TrialOutcome, tracker_for
 from search.heartbeat import Heartbeat, Liveness, worker_id
-from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, objectives,
-                           study_constraints, task_config)
+from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, mask_url,
+                           objectives, study_constraints, task_config)
 from search.objective import load_trial_data, study_datasets
 from search.pareto import Selection, format_front, pareto_front, plot_front, select
 from search.pareto import write_csv as write_records
@@ -38,7 +38,7 @@ from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REAS
                           TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_PROJECTED_FLOPS, TRIAL_RATIOS,
                           TRIAL_RUN_ID, TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_TARGET, TRIAL_WORKER, Budget,
                           claim_creation, count_finished, enqueue_warm_start, fail_stale_trials, give_up,
-                          last_heartbeat, make_storage, mask_url, open_study, over_budget, storage_file,
+                          last_heartbeat, make_storage, open_study, over_budget, storage_file,
                           storage_where, trial_records)
 from search.tracking import RunLogger
 from train.cli import print_result_line

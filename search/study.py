@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError
 from optuna.trial import FrozenTrial, TrialState
 
-from search.config import Objective
+from search.config import Objective, mask_url
 from search.pareto import TrialRecord
 from train.errors import ConfigError
 
@@ -68,11 +67,6 @@ BASELINE_UNPRUNED = "unpruned"
 # Screened-out candidates are told as PRUNED: they count towards the budget, samplers learn to avoid their
 # region, and they stay off Optuna's own Pareto front (`study.best_trials`) as they were never fine-tuned.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def mask_url(url: str) -> str:
-    """`url` with any password replaced by `***` (for messages and logs)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
 def storage_where(cfg: DictConfig) -> str:

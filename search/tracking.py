@@ -25,7 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 MLFLOW_NOTE = "mlflow.note.content"  # a run's description in the UI
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's "Model training"
 
-from search.study import mask_url
+from search.config import mask_url
 from train.errors import ConfigError
 from train.locks import host_lock
 
