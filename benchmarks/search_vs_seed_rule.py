@@ -1,21 +1,34 @@
-"""Does the search beat the seed rule? Best searched hmean at the seed rule's FLOPs, from one study.
+"""Does the search beat the seed rule? Per seed-rule target, the best searched hmean at no more FLOPs, over studies.
 
 Every trial of a study gets the same recovery budget (`finetune.steps`), and the study holds the seed rule's plans
-as warm-start trials, so one study answers it: for each seed-rule trial (default targets 30/50/70% inference-FLOPs
-reduction), the best searched trial that costs no more FLOPs (+`--slack`), and whether a searched trial dominates
-it. Runs (or resumes) the study first unless `--no-run`:
+as warm-start trials, so one study answers it once: for each seed-rule trial (default targets 30/50/70% inference-
+FLOPs reduction), the best searched trial that costs no more FLOPs (+`--slack`), and whether a searched trial
+dominates it. One study is one sample of the sampler, so the issue's comparison is over several studies that differ
+only in `search.sampler.seed`:
 
-    OMP_NUM_THREADS=2 python benchmarks/search_vs_seed_rule.py [--no-run] [hydra overrides of conf/search.yaml]
+    OMP_NUM_THREADS=2 python benchmarks/search_vs_seed_rule.py [hydra overrides of conf/search.yaml]
+        runs (or resumes) the study those overrides name, then reads it;
+    python benchmarks/search_vs_seed_rule.py --studies outputs/search/v8 outputs/search/v9s1 ... [--shifted]
+        reads finished studies (their `out_dir`s) and adds a mean ± sd summary over them.
 
-Prints a markdown table; the last line is `target=0.5 seed_rule_hmean=<f> searched_hmean=<f> searched_flops_ratio=<f>
-gain=<f>` for the 50% target (the issue's comparison; searched values are -1 when no searched trial is that cheap).
+`--shifted` also scores, at the 50% target, the seed rule's trial and the study's chosen trial (their trial
+weights, as recovered in the study) on `../shared/eval/shifted_v1` with `python -m train.evaluate` (evaluation
+only; cached in `<out_dir>/shifted_v1_trials.json`).
+
+Per study it prints a markdown table and `target=0.5 seed_rule_hmean=<f> searched_hmean=<f>
+searched_flops_ratio=<f> gain=<f>` (searched values -1 when no searched trial is that cheap); with `--studies`
+the last line is `studies=<n> gain_mean=<f> gain_sd=<f> chosen_gain_mean=<f> [shifted_gain_mean=<f>
+shifted_gain_sd=<f>]`, where `chosen_gain` is the chosen trial's hmean minus the seed rule's at 50%.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -26,18 +39,30 @@ import train.data.source  # noqa: F401  (registers the data generator schema the
 from search.study import make_storage
 
 REPO = Path(__file__).resolve().parents[1]
+SHIFTED_CACHE = "shifted_v1_trials.json"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-run", action="store_true", help="only read the study")
-    parser.add_argument("--slack", type=float, default=0.01, help="FLOPs-ratio slack for 'no more FLOPs'")
-    args, overrides = parser.parse_known_args()
-    if not args.no_run:
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "search", "multirun", *overrides], cwd=REPO, check=True)
-        print(f"study wall time: {time.perf_counter() - started:.0f} s")
+@dataclass
+class Comparison:
+    """At the 50% target of one study: the seed rule's trial, the best searched one at no more FLOPs, the chosen."""
 
+    study: str
+    seed_rule: optuna.trial.FrozenTrial
+    best: optuna.trial.FrozenTrial | None
+    chosen: optuna.trial.FrozenTrial | None
+
+    @property
+    def gain(self) -> float:
+        return self.best.user_attrs["hmean"] - self.seed_rule.user_attrs["hmean"] if self.best else float("nan")
+
+    @property
+    def chosen_gain(self) -> float:
+        return (self.chosen.user_attrs["hmean"] - self.seed_rule.user_attrs["hmean"] if self.chosen
+                else float("nan"))
+
+
+def read_study(overrides: list[str], slack: float) -> tuple[Comparison | None, Path]:
+    """Print the study's table and last line; its 50% comparison (None without a 50% seed-rule trial)."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("search", overrides=overrides)
     study = optuna.load_study(study_name=cfg.search.study_name, storage=make_storage(cfg.storage))
@@ -46,32 +71,105 @@ def main() -> None:
                    key=lambda t: t.user_attrs["target_reduction"])
     searched = [t for t in complete if not t.user_attrs.get("baseline")]
     unpruned = next((t for t in complete if t.user_attrs.get("baseline") == "unpruned"), None)
-    print(f"study {study.study_name!r}: {len(complete)} complete trials, {len(searched)} searched, "
+    chosen_number = study.user_attrs.get("chosen_trial")
+    chosen = next((t for t in complete if t.number == chosen_number), None)
+    print(f"study {study.study_name!r} in {cfg.out_dir}: {len(complete)} complete trials, {len(searched)} searched, "
           f"finetune.steps={cfg.finetune.steps}" + (f", unpruned hmean {unpruned.user_attrs['hmean']:.3f}"
-                                                   if unpruned else ""))
+                                                   if unpruned else "")
+          + (f", chosen trial {chosen_number}" if chosen_number is not None else ""))
     print("| seed rule target | FLOPs red. | hmean | best searched at <= FLOPs | its FLOPs red. | gain | dominated |")
     print("|---|---|---|---|---|---|---|")
-    last = None
+    comparison = None
     for seed in seeds:
         a = seed.user_attrs
-        cheaper = [t for t in searched if t.user_attrs["flops_ratio"] <= a["flops_ratio"] + args.slack]
+        cheaper = [t for t in searched if t.user_attrs["flops_ratio"] <= a["flops_ratio"] + slack]
         best = max(cheaper, key=lambda t: t.user_attrs["hmean"], default=None)
         dominated = any(t.user_attrs["hmean"] >= a["hmean"] and t.user_attrs["flops_ratio"] <= a["flops_ratio"]
                         for t in searched)
         if best is None:
             row = ["—", "—", "—"]
-            result = (-1.0, -1.0, -1.0)
         else:
             b = best.user_attrs
-            result = (b["hmean"], b["flops_ratio"], b["hmean"] - a["hmean"])
-            row = [f"{b['hmean']:.3f} (trial {best.number})", f"{1 - b['flops_ratio']:.1%}", f"{result[2]:+.3f}"]
+            row = [f"{b['hmean']:.3f} (trial {best.number})", f"{1 - b['flops_ratio']:.1%}",
+                   f"{b['hmean'] - a['hmean']:+.3f}"]
         print(f"| {a['target_reduction']:.0%} | {1 - a['flops_ratio']:.1%} | {a['hmean']:.3f} | " + " | ".join(row)
               + f" | {'yes' if dominated else 'no'} |")
         if abs(a["target_reduction"] - 0.5) < 1e-9:
-            last = (a["hmean"], *result)
-    if last is not None:
-        print(f"target=0.5 seed_rule_hmean={last[0]:.6f} searched_hmean={last[1]:.6f} "
-              f"searched_flops_ratio={last[2]:.6f} gain={last[3]:.6f}")
+            comparison = Comparison(str(cfg.out_dir), seed, best, chosen)
+    if comparison is not None:
+        b = comparison.best.user_attrs if comparison.best else {"hmean": -1.0, "flops_ratio": -1.0}
+        gain = comparison.gain if comparison.best else -1.0
+        print(f"target=0.5 seed_rule_hmean={comparison.seed_rule.user_attrs['hmean']:.6f} "
+              f"searched_hmean={b['hmean']:.6f} searched_flops_ratio={b['flops_ratio']:.6f} gain={gain:.6f}")
+    return comparison, Path(str(cfg.out_dir))
+
+
+def shifted_hmean(out_dir: Path, trial: int) -> float:
+    """A trial's recovered weights scored on shifted_v1 (`python -m train.evaluate`), cached beside the study."""
+    cache_path = out_dir / SHIFTED_CACHE
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    if str(trial) not in cache:
+        folder = out_dir / "trials" / str(trial)
+        proc = subprocess.run([sys.executable, "-m", "train.evaluate", "data=shifted_v1", "progress=false",
+                               f"model.plan={folder / 'plan.json'}", f"model.checkpoint={folder / 'finetuned.pdparams'}"],
+                              cwd=REPO, capture_output=True, text=True, check=True)
+        line = proc.stdout.strip().splitlines()[-1]
+        cache[str(trial)] = float(dict(kv.split("=") for kv in line.split())["hmean"])
+        cache_path.write_text(json.dumps(cache, indent=1))
+    return cache[str(trial)]
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-run", action="store_true", help="only read the study the overrides name")
+    parser.add_argument("--studies", nargs="+", type=Path, help="read these finished studies (out_dir folders)")
+    parser.add_argument("--shifted", action="store_true", help="score the 50%% trials on shifted_v1 too")
+    parser.add_argument("--slack", type=float, default=0.01, help="FLOPs-ratio slack for 'no more FLOPs'")
+    args, overrides = parser.parse_known_args()
+    if args.studies is None:
+        if not args.no_run:
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "search", "multirun", *overrides], cwd=REPO, check=True)
+            print(f"study wall time: {time.perf_counter() - started:.0f} s")
+        read_study(overrides, args.slack)
+        return
+
+    comparisons = []
+    for folder in args.studies:
+        if not (folder / "optuna.db").is_file():
+            sys.exit(f"error: {folder}: no optuna.db (not a study's out_dir)")
+        comparison, out_dir = read_study([*overrides, f"out_dir={folder.resolve()}"], args.slack)
+        if comparison is not None:
+            comparisons.append((comparison, out_dir))
+        print()
+    if not comparisons:
+        sys.exit("error: no study has a 50% seed-rule trial")
+    print("| study | seed rule hmean | best searched (trial) | gain | chosen (trial) | chosen gain |"
+          + (" shifted_v1 seed rule | shifted_v1 chosen |" if args.shifted else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if args.shifted else ""))
+    shifted_gains = []
+    for c, out_dir in comparisons:
+        row = (f"| {out_dir.name} | {c.seed_rule.user_attrs['hmean']:.3f} | "
+               + (f"{c.best.user_attrs['hmean']:.3f} ({c.best.number})" if c.best else "—") + f" | {c.gain:+.3f} | "
+               + (f"{c.chosen.user_attrs['hmean']:.3f} ({c.chosen.number})" if c.chosen else "—")
+               + f" | {c.chosen_gain:+.3f} |")
+        if args.shifted and c.chosen is not None:
+            rule, chosen = shifted_hmean(out_dir, c.seed_rule.number), shifted_hmean(out_dir, c.chosen.number)
+            shifted_gains.append(chosen - rule)
+            row += f" {rule:.3f} | {chosen:.3f} |"
+        print(row)
+    gain = mean_sd([c.gain for c, _ in comparisons if c.best])
+    chosen_gain = mean_sd([c.chosen_gain for c, _ in comparisons if c.chosen])
+    line = (f"studies={len(comparisons)} gain_mean={gain[0]:.6f} gain_sd={gain[1]:.6f} "
+            f"chosen_gain_mean={chosen_gain[0]:.6f}")
+    if shifted_gains:
+        shifted = mean_sd(shifted_gains)
+        line += f" shifted_gain_mean={shifted[0]:.6f} shifted_gain_sd={shifted[1]:.6f}"
+    print(line)
 
 
 if __name__ == "__main__":

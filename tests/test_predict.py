@@ -8,16 +8,12 @@ import re
 import shutil
 from pathlib import Path
 
-import cv2
-import matplotlib
-
 import numpy as np
 import paddle
 import pytest
-from PIL import Image, ImageDraw, ImageFont
-
 from conftest import run_cli
-from train.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+
+from train.data.synthetic import KNOWN_WORDS, SyntheticSpec, ensure_synthetic_dataset, known_words_image
 from train.deploy_config import DeployConfig, read_deploy_config
 from train.errors import ConfigError
 from train.inference import PROGRAM_FILES, InferenceSession, export_inference, exported_programs
@@ -110,16 +106,6 @@ def test_predict_checks_every_image_before_writing_any_prediction(exported: Path
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
 
 
-def _text_image() -> np.ndarray:
-    """Two lines of known words in DejaVu Sans (matplotlib's copy), black on white, BGR."""
-    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 40)
-    image = Image.new("RGB", (640, 200), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((30, 30), "MODELS", fill="black", font=font)
-    draw.text((30, 110), "read 2026 text", fill="black", font=font)
-    return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("rapidocr_paddle") is None, reason="rapidocr-paddle is not installed")
 def test_rapidocr_reads_text_with_an_exported_detector(tmp_path: Path):
     """RapidOCR, the client most people run PP-OCR with, loads the default export (both programs) as its detector
@@ -127,8 +113,8 @@ def test_rapidocr_reads_text_with_an_exported_detector(tmp_path: Path):
     from rapidocr_paddle import RapidOCR
 
     export_inference(load_detector("ppocrv4_det", "pretrained"), tmp_path, formats=("pir", "legacy"))
-    result, _ = RapidOCR(det_model_path=str(tmp_path))(_text_image())
-    assert [line[1] for line in result or []][-2:] == ["MODELS", "read 2026 text"]
+    result, _ = RapidOCR(det_model_path=str(tmp_path))(known_words_image())
+    assert [line[1] for line in result or []][-2:] == list(KNOWN_WORDS)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("rapidocr_onnxruntime") is None,
@@ -139,5 +125,5 @@ def test_rapidocr_onnxruntime_reads_text_with_an_exported_onnx_detector(tmp_path
 
     export_inference(load_detector("ppocrv4_det", "pretrained"), tmp_path, formats=("legacy",))
     onnx = convert_to_onnx(tmp_path, tmp_path / ONNX_FILE)
-    result, _ = RapidOCR(det_model_path=str(onnx))(_text_image())
-    assert [line[1] for line in result or []][-2:] == ["MODELS", "read 2026 text"]
+    result, _ = RapidOCR(det_model_path=str(onnx))(known_words_image())
+    assert [line[1] for line in result or []][-2:] == list(KNOWN_WORDS)

@@ -296,6 +296,20 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
 
 
+KNOWN_WORDS = ("MODELS", "read 2026 text")
+
+
+def known_words_image(lines: tuple[str, ...] = KNOWN_WORDS, font_size: int = 40) -> np.ndarray:
+    """``lines`` in DejaVu Sans, black on white, 80 px apart, BGR (640 px wide): an image whose words an OCR
+    client must read back, for round trips through deployment clients (tests, ``benchmarks/*_client.py``)."""
+    image = Image.new("RGB", (640, 40 + 80 * len(lines)), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), font_size)
+    for row, line in enumerate(lines):
+        draw.text((30, 30 + 80 * row), line, fill="black", font=font)
+    return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
+
+
 # --------------------------------------------------------------------------------------------------- text
 
 def _random_token(rng: np.random.Generator) -> str:
