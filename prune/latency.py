@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -20,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from paddle import nn
 from scipy import stats
 
 from train.errors import ConfigError
-from train.inference import InferenceSession, export_inference
+from train.inference import InferenceSession
 from train.locks import quiet_host
 
 Runner = Callable[[np.ndarray], object]  # a loaded model: Paddle Inference, onnxruntime, ...
@@ -118,11 +116,3 @@ def interleaved_ratio(candidate: str | Path, reference: str | Path, input_size: 
     """``timed_rounds`` of the Paddle Inference programs exported in folders ``candidate`` and ``reference``."""
     sessions = [InferenceSession(folder, threads, use_mkldnn) for folder in (candidate, reference)]
     return timed_rounds(*sessions, input_size, **rounds)
-
-
-def latency_ratio(candidate: nn.Layer, reference: nn.Layer, input_size: tuple[int, int], **timing) -> LatencyRatio:
-    """``interleaved_ratio`` of two dygraph models, exported to temporary folders first."""
-    with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
-        export_inference(candidate, Path(tmp) / "candidate")
-        export_inference(reference, Path(tmp) / "reference")
-        return interleaved_ratio(Path(tmp) / "candidate", Path(tmp) / "reference", input_size, **timing)

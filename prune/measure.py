@@ -42,6 +42,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,23 @@ def measure_latency(
     return _median_latency_ms(InferenceSession(model, threads, use_mkldnn), input_size, warmup, runs)
 
 
+def _measured(model: nn.Layer, folder: Path, input_size: tuple[int, int], threads: int, warmup: int,
+              use_mkldnn: bool) -> Callable[[float, int], Measurement]:
+    """Export ``model`` to ``folder`` and count it; returns the ``Measurement`` to complete with its latency (ms)
+    and the number of timed runs it came from."""
+    trace = _trace(model, input_size)
+    export_inference(model, folder)
+    size_bytes = exported_size(folder)
+    params = count_params(model)
+
+    def with_latency(latency_ms: float, runs: int) -> Measurement:
+        return Measurement(flops=sum(trace.layer_flops.values()), params=params, latency_ms=latency_ms,
+                           size_bytes=size_bytes, input_size=input_size, threads=threads, runs=runs, warmup=warmup,
+                           use_mkldnn=use_mkldnn)
+
+    return with_latency
+
+
 def measure(
     model: nn.Layer,
     input_size: tuple[int, int] = (640, 640),
@@ -249,14 +267,9 @@ def measure(
     """FLOPs, params, exported size and latency of ``model``'s inference graph; the model is left unchanged."""
     input_size = check_input_size(input_size)
     _check_timing(threads, warmup, runs)
-    trace = _trace(model, input_size)
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
-        export_inference(model, tmp)
-        size_bytes = exported_size(tmp)
-        latency_ms = measure_latency(tmp, input_size, threads, warmup, runs, use_mkldnn)
-    return Measurement(flops=sum(trace.layer_flops.values()), params=count_params(model), latency_ms=latency_ms,
-                       size_bytes=size_bytes, input_size=input_size, threads=threads, runs=runs, warmup=warmup,
-                       use_mkldnn=use_mkldnn)
+        with_latency = _measured(model, Path(tmp), input_size, threads, warmup, use_mkldnn)
+        return with_latency(measure_latency(tmp, input_size, threads, warmup, runs, use_mkldnn), runs)
 
 
 def measure_against(
@@ -276,19 +289,13 @@ def measure_against(
     """
     input_size = check_input_size(input_size)
     _check_timing(threads, warmup, 1)
-    trace = _trace(model, input_size)
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
         candidate_dir, reference_dir = Path(tmp) / "candidate", Path(tmp) / "reference"
-        export_inference(model, candidate_dir)
+        with_latency = _measured(model, candidate_dir, input_size, threads, warmup, use_mkldnn)
         export_inference(reference, reference_dir)
-        size_bytes = exported_size(candidate_dir)
         ratio = interleaved_ratio(candidate_dir, reference_dir, input_size, threads=threads, use_mkldnn=use_mkldnn,
                                   warmup=warmup, **rounds)
-    measurement = Measurement(flops=sum(trace.layer_flops.values()), params=count_params(model),
-                              latency_ms=ratio.candidate_ms, size_bytes=size_bytes, input_size=input_size,
-                              threads=threads, runs=ratio.rounds, warmup=warmup,
-                              use_mkldnn=use_mkldnn)
-    return measurement, ratio
+    return with_latency(ratio.candidate_ms, ratio.rounds), ratio
 
 
 def load_measured_model(name: str, checkpoint: str | None, plan: str | None, weights: str | None) -> nn.Layer:

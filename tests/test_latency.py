@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from prune.latency import LatencyRatio, check_rounds, interval, latency_ratio
+from prune.latency import LatencyRatio, check_rounds, interval
+from prune.measure import measure_against
 from train.errors import ConfigError
 from train.models.zoo import build_detector
 from train.weights import load_detector
@@ -21,7 +22,7 @@ def test_interval_of_known_log_ratios():
 
 def test_a_model_against_itself_is_one_within_its_interval():
     model = load_detector("ppocrv4_det", "pretrained")
-    result = latency_ratio(model, model, (160, 160), threads=1, warmup=2, min_rounds=30, max_rounds=30)
+    _, result = measure_against(model, model, (160, 160), threads=1, warmup=2, min_rounds=30, max_rounds=30)
     assert isinstance(result, LatencyRatio) and result.rounds == 30
     assert result.low <= result.ratio <= result.high
     # The nominal 95% interval would miss 1.0 in 1 run of 20 by chance alone: the test allows twice its width
@@ -33,8 +34,8 @@ def test_a_heavier_model_measures_slower_and_rounds_stop_at_the_tolerance():
     light = load_detector("ppocrv4_det", "pretrained")
     heavy = build_detector("det_mv3_db")  # about 4x the FLOPs; random weights cost the same
     heavy.eval()
-    result = latency_ratio(heavy, light, (320, 320), threads=1, warmup=2, min_rounds=6, max_rounds=80,
-                           tolerance=0.05)
+    _, result = measure_against(heavy, light, (320, 320), threads=1, warmup=2, min_rounds=6, max_rounds=80,
+                                tolerance=0.05)
     assert result.low > 1.0, result
     assert result.candidate_ms > result.reference_ms
     assert result.rounds == 80 or result.half_width <= 0.05 + 1e-9
