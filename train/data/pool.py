@@ -62,7 +62,7 @@ class PoolSpec(GeneratorSpec):
 
     seed: int = 0
     n_recovery: int = 400
-    n_guard: int = 60
+    n_guard: int = 240
     width_range: tuple[int, int] = (320, 640)
     height_range: tuple[int, int] = (320, 640)
     shares: tuple[float, float, float] = (0.35, 0.3, 0.35)
