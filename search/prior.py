@@ -4,6 +4,8 @@ every trial's ratios divide by).
 """
 from __future__ import annotations
 
+import re
+
 import logging
 from dataclasses import dataclass, field
 
@@ -75,6 +77,14 @@ def always_skip_groups(cfg: DictConfig) -> list[str]:
     if cfg.search.space.keep_stem and stem not in names:
         names.insert(0, stem)
     return names
+
+
+def help_scan(cfg: DictConfig, worker: str) -> None:
+    """Measure the sensitivity table from its far end while another worker builds the prior (the shared scan of
+    `prune.sensitivity.compute_sensitivity`): the builder merges what this worker measured."""
+    model = detector_from_config(cfg.model)
+    name = "worker-" + re.sub(r"[^\w.-]", "-", worker)
+    table_for_config(cfg, model, resolve_data(cfg.data, progress=False), discover_groups(model), helper=name)
 
 
 def build_prior(cfg: DictConfig) -> Prior:

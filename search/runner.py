@@ -30,7 +30,7 @@ from search.config import (check_same_settings, check_search_config, flat_config
 from search.objective import load_trial_data, study_datasets
 from search.pareto import Selection, format_front, pareto_front, plot_front, select
 from search.pareto import write_csv as write_records
-from search.prior import Prior, always_skip_groups, build_prior, check_always_skip
+from search.prior import Prior, always_skip_groups, build_prior, check_always_skip, help_scan
 from search.sampling import TrialSeededSampler, make_sampler, warm_start_trials
 from search.space import Candidate, SearchSpace, suggest
 from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, FINISHED, STALE_REASON,
@@ -86,7 +86,10 @@ class StudyRunner:
         self._flops: FlopsOfCounts | None = None
 
     # -- 1 and 2: checks, study, prior, parent run ------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self, on_open: Callable[[], None] | None = None) -> None:
+        """Check everything, open the stores and the study, and build its prior or wait for the worker that does.
+        `on_open` runs once the study is open, before the prior (the primary starts its helpers there, so they
+        share the sensitivity scan)."""
         cfg = self.cfg
         check_search_config(cfg)
         self.liveness = Liveness.from_config(cfg.search.heartbeat)
@@ -108,6 +111,8 @@ class StudyRunner:
         self.study, created = open_study(self.storage, self.name, self.objectives)
         log.info("study %r: Optuna storage %s, MLflow %s, worker %s", self.name, where, mask_url(cfg.tracking.uri),
                  self.worker)
+        if on_open is not None:
+            on_open()
         if created:
             self.study.set_user_attr(STUDY_SETTINGS, settings)
             self._lead(attempt=0)
@@ -149,6 +154,8 @@ class StudyRunner:
         beating (killed mid-scan); among several waiters, `claim_creation` picks one."""
         waiting_since = time.time()
         announced = False
+        if STUDY_SPACE not in self.study.user_attrs:  # being built: measure the sensitivity table from its far end
+            help_scan(self.cfg, self.worker)
         while True:
             attrs = self.study.user_attrs
             if STUDY_SETTINGS in attrs:

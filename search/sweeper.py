@@ -86,15 +86,21 @@ class OptunaAskTellSweeper(Sweeper):
         os.environ.setdefault(CPU_LOCK_ENV, str(host_cpu_lock()))
         started = time.perf_counter(), _cpu_seconds()
         runner = StudyRunner(self.config)
-        runner.prepare()
         search = self.config.search
-        helpers = []
-        if not search.helper:  # the primary: the study exists now, with its prior
+        helpers: list = []
+
+        def start_workers() -> None:
+            """The primary, once the study is open: this process's threads and the helper workers, which measure
+            part of the sensitivity scan while the prior is built and then take trials."""
+            if search.helper:
+                return
             workers = resolve_workers(search.workers)
             threads = max(1, usable_cores() // workers)
             set_dygraph_threads(threads)
-            helpers = start_helpers(workers - 1, arguments, Path(self.config.out_dir), threads)
+            helpers.extend(start_helpers(workers - 1, arguments, Path(self.config.out_dir), threads))
+
         try:
+            runner.prepare(on_open=start_workers)
             runner.run(lambda numbers, overrides: self._launch(arguments, numbers, overrides), self.batch_size)
         except BaseException:
             stop_helpers(helpers)

@@ -22,6 +22,7 @@ from prune.sensitivity import (
     dice,
     relative_loss,
     sensitivity_key,
+    shard_file,
 )
 from train.data.dataset import build_split
 from train.data.source import resolve_data
@@ -182,3 +183,28 @@ def test_the_default_probe_spreads_over_the_unlabelled_pool(tmp_path: Path):
     none = _probe_config(tmp_path, "data.unlabeled=null")
     with pytest.raises(ConfigError, match="sensitivity.split=unlabeled needs the recovery images"):
         probe_images(none, source, "unlabeled", "map_dice", 3, (96, "max"))
+
+
+def test_a_shared_scan_measures_each_pair_once_and_gives_the_same_table(setup, tmp_path: Path):
+    """A helper measures from the far end into its shard (here stopped after 5 pairs); the builder skips those,
+    merges them and removes the shard; the table equals a scan by one process."""
+    model, groups, probe, key, _ = setup
+    reference = compute_sensitivity(model, "ppocrv4_det", probe, key, tmp_path / "alone.json", groups, progress=False)
+    cache = tmp_path / "shared.json"
+    helper = CountingProbe(probe, stop_after=1 + 5)  # its base, then 5 pairs
+    with pytest.raises(KeyboardInterrupt):
+        compute_sensitivity(model, "ppocrv4_det", helper, key, cache, groups, progress=False, helper="w1")
+    shard = SensitivityTable.load(shard_file(cache, "w1"), key)
+    pairs = [(g.name, r) for g in groups if g.prunable for r in RATIOS]
+    assert sorted((g, float(r)) for g, row in shard.losses.items() for r in row) == sorted(pairs[-5:])
+    assert not cache.exists()  # a helper never writes the table itself
+
+    builder = CountingProbe(probe)
+    table = compute_sensitivity(model, "ppocrv4_det", builder, key, cache, groups, progress=False)
+    assert builder.calls == 1 + len(pairs) - 5
+    assert table.losses == reference.losses and table.is_complete()
+    assert not shard_file(cache, "w1").exists() and SensitivityTable.load(cache, key).losses == reference.losses
+
+    late = CountingProbe(probe)  # a helper that starts after the table is complete measures nothing, writes nothing
+    compute_sensitivity(model, "ppocrv4_det", late, key, cache, groups, progress=False, helper="w2")
+    assert late.calls == 0 and not shard_file(cache, "w2").exists()

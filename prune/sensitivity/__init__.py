@@ -252,6 +252,29 @@ def open_table(cache_file: Path, key: SensitivityKey, channels: dict[str, int]) 
     return SensitivityTable(key=key, base=math.nan, channels=channels)
 
 
+def shard_file(cache_file: Path, worker: str) -> Path:
+    """Where a helping worker keeps what it measured of `cache_file`'s table (merged into it by the builder)."""
+    return cache_file.with_name(f"{cache_file.name}.{worker}.part")
+
+
+def _shards(cache_file: Path) -> list[Path]:
+    return sorted(cache_file.parent.glob(f"{cache_file.name}.*.part"))
+
+
+def _merge_measured(table: SensitivityTable, paths: Sequence[Path]) -> None:
+    """Add to `table` the entries that the tables in `paths` (same key) hold and it lacks; unreadable files (being
+    replaced, or from another scan) add nothing."""
+    for path in paths:
+        try:
+            other = SensitivityTable.load(path, table.key)
+        except CorruptCache:
+            continue
+        for group, row in other.losses.items():
+            if group in table.channels:
+                for label, loss in row.items():
+                    table.losses.setdefault(group, {}).setdefault(label, loss)
+
+
 def compute_sensitivity(
     model: paddle.nn.Layer,
     model_name: str,
@@ -260,22 +283,41 @@ def compute_sensitivity(
     cache_file: Path,
     groups: list[ChannelGroup] | None = None,
     progress: bool = True,
+    helper: str | None = None,
 ) -> SensitivityTable:
     """Fill (or finish) the sensitivity table of `model`'s prunable groups; saved after every evaluation.
 
     Each evaluation prunes a copy of `model` (filters ranked on its current, trained weights) by one group and
     one ratio, scores it with `probe`, and records the relative loss.
+
+    Several processes can share one scan: the builder (`helper=None`) goes through the (group, ratio) pairs from
+    the first, each `helper` (a worker name) from the last, writing to its own `shard_file`; before every
+    evaluation each one takes in what the others measured and skips it, a helper stops where it meets done work,
+    and the builder merges the shards into the cache file at the end and removes them. Evaluations are
+    deterministic at a given thread count, so who measured what does not change the table.
     """
     groups = discover_groups(model) if groups is None else groups
     prunable = [g for g in groups if g.prunable]
-    table = open_table(cache_file, key, {g.name: g.channels for g in prunable})
-    if math.isnan(table.base):
-        table.base = probe.score(model)
-        table.save(cache_file)
+    table = open_table(cache_file, key, {g.name: g.channels for g in prunable}) if helper is None else \
+        SensitivityTable(key=key, base=math.nan, channels={g.name: g.channels for g in prunable})
+    own_file = cache_file if helper is None else shard_file(cache_file, helper)
+    others = (lambda: _shards(cache_file)) if helper is None else \
+        (lambda: [cache_file, *(path for path in _shards(cache_file) if path != own_file)])
+    _merge_measured(table, others())
     todo = [(g, r) for g in prunable for r in key.ratios if not table.has(g.name, r)]
+    if helper is not None:
+        todo.reverse()
+    if math.isnan(table.base) and (todo or helper is None):
+        table.base = probe.score(model)
+        table.save(own_file)
     started = time.perf_counter()
-    for group, ratio in tqdm(todo, desc="sensitivity", unit="eval", disable=not progress or not todo,
-                             dynamic_ncols=True):
+    for group, ratio in tqdm(todo, desc="sensitivity" if helper is None else f"sensitivity ({helper})",
+                             unit="eval", disable=not progress or not todo, dynamic_ncols=True):
+        _merge_measured(table, others())
+        if table.has(group.name, ratio):
+            if helper is not None:
+                break  # met the builder: the rest is done or being done
+            continue
         candidate = copy.deepcopy(model)
         plan = make_plan(candidate, model_name, {group.name: ratio}, key.criterion, groups=groups)
         apply_plan(candidate, plan, groups)
@@ -283,7 +325,13 @@ def compute_sensitivity(
         table.losses.setdefault(group.name, {})[ratio_label(ratio)] = loss
         table.seconds += time.perf_counter() - started
         started = time.perf_counter()
+        table.save(own_file)
+    if helper is None:
+        shards = _shards(cache_file)
+        _merge_measured(table, shards)
         table.save(cache_file)
+        for path in shards:
+            path.unlink(missing_ok=True)
     return table
 
 
@@ -351,7 +399,8 @@ def probe_images(cfg: DictConfig, source: DataSource, split: str, metric: str, i
 
 
 def table_for_config(cfg: DictConfig, model: paddle.nn.Layer, source: DataSource,
-                     groups: list[ChannelGroup] | None = None) -> tuple[SensitivityTable, Path]:
+                     groups: list[ChannelGroup] | None = None,
+                     helper: str | None = None) -> tuple[SensitivityTable, Path]:
     """The sensitivity table an app config asks for (groups `sensitivity`, `model`, `prune`, `postprocess`,
     `data`), from its cache or measured now, and the cache file. `python -m prune.sensitivity` and the search
     both come here, so either reuses the other's scan."""
@@ -363,4 +412,5 @@ def table_for_config(cfg: DictConfig, model: paddle.nn.Layer, source: DataSource
                           scfg.ratios)
     probe = build_probe(scfg.metric, probe_set, scfg.images, model, DBPostProcess(**cfg.postprocess))
     cache_file = Path(scfg.cache_dir) / f"{cfg.model.name}-{key.digest()}.json"
-    return compute_sensitivity(model, cfg.model.name, probe, key, cache_file, groups, progress=cfg.progress), cache_file
+    return compute_sensitivity(model, cfg.model.name, probe, key, cache_file, groups, progress=cfg.progress,
+                               helper=helper), cache_file
