@@ -3,7 +3,8 @@
 `search.sweeper` is the thin Hydra plugin around this (it owns the launcher); the steps are described there.
 Any number of such invocations (workers) may run on one study at once, on one host or many: they share the
 budget through the study (`search.study.Budget`, `over_budget`), beat on the trials they run and fail those of
-workers that stopped (`search.heartbeat`), and the first one builds the prior while the others wait.
+workers that stopped (`search.heartbeat`), and the first one builds the prior while the others measure part of its
+sensitivity table and then wait.
 """
 from __future__ import annotations
 
