@@ -208,3 +208,8 @@ def test_a_shared_scan_measures_each_pair_once_and_gives_the_same_table(setup, t
     late = CountingProbe(probe)  # a helper that starts after the table is complete measures nothing, writes nothing
     compute_sensitivity(model, "ppocrv4_det", late, key, cache, groups, progress=False, helper="w2")
     assert late.calls == 0 and not shard_file(cache, "w2").exists()
+
+    # A helper whose last pair was saved after the builder's merge (the builder measured it too) removes its shard.
+    shard.save(shard_file(cache, "w3"))
+    compute_sensitivity(model, "ppocrv4_det", CountingProbe(probe), key, cache, groups, progress=False, helper="w3")
+    assert not shard_file(cache, "w3").exists()
