@@ -54,8 +54,8 @@ from train.onnx import ONNX_FILE, OnnxSession, convert_to_onnx
 from train.metric import DetScores
 from train.recovery import RecoverySettings
 from train.runtime import seed_everything, set_device
-from train.trainer import save_weights
 from train.models.zoo import model_spec
+from train.trainer import save_weights
 from train.weights import detector_from_config
 
 # export.format -> program formats written (train.inference.PROGRAM_FILES); "both" loads in every client we know.

@@ -4,9 +4,8 @@ every trial's ratios divide by).
 """
 from __future__ import annotations
 
-import re
-
 import logging
+import re
 from dataclasses import dataclass, field
 
 import paddle
@@ -79,12 +78,12 @@ def always_skip_groups(cfg: DictConfig) -> list[str]:
     return names
 
 
-def help_scan(cfg: DictConfig, worker: str) -> None:
-    """Measure the sensitivity table from its far end while another worker builds the prior (the shared scan of
-    `prune.sensitivity.compute_sensitivity`): the builder merges what this worker measured."""
-    model = detector_from_config(cfg.model)
+def help_scan(cfg: DictConfig, model: paddle.nn.Layer, groups: list[ChannelGroup], worker: str) -> None:
+    """Measure the sensitivity table of `model` (the config's, as loaded) from its far end while another worker
+    builds the prior (the shared scan of `prune.sensitivity.compute_sensitivity`): the builder merges what this
+    worker measured."""
     name = "worker-" + re.sub(r"[^\w.-]", "-", worker)
-    table_for_config(cfg, model, resolve_data(cfg.data, progress=False), discover_groups(model), helper=name)
+    table_for_config(cfg, model, resolve_data(cfg.data, progress=False), groups, helper=name)
 
 
 def build_prior(cfg: DictConfig) -> Prior:

@@ -156,7 +156,7 @@ class StudyRunner:
         waiting_since = time.time()
         announced = False
         if STUDY_SPACE not in self.study.user_attrs:  # being built: measure the sensitivity table from its far end
-            help_scan(self.cfg, self.worker)
+            help_scan(self.cfg, self.model, self.groups, self.worker)
         while True:
             attrs = self.study.user_attrs
             if STUDY_SETTINGS in attrs:

@@ -26,14 +26,7 @@ import paddle
 from train.errors import CheckpointError, ConfigError
 from train.models.detector import DBDetector
 from train.models.pplcnet_v3 import FUSED_KEY, TRAINING_BRANCH_KEY
-from train.models.zoo import (
-    MODELS,
-    ShippedWeights,
-    build_detector,
-    is_deploy_form,
-    model_spec,
-    reparameterize,
-)
+from train.models.zoo import MODELS, ShippedWeights, build_detector, is_deploy_form, model_spec, reparameterize
 
 # ``paddle.save(model.state_dict())`` adds this bookkeeping entry (structured key -> Paddle variable name).
 STRUCTURED_NAMES_ENTRY = "StructuredToParameterName@@"
@@ -148,8 +141,7 @@ def load_detector(name: str, checkpoint: str | Path | None = None, deploy: bool 
     reparameterizable models only (``ppocrv4_det``; the others have one form): the checkpoint's form is read
     from its keys (training form has ``conv_kxk`` branches) and the model is built in that form so the load is
     strict; with ``deploy=True`` a training-form checkpoint (e.g. a user's PaddleOCR ``best_accuracy.pdparams``)
-    is then fused. ``deploy=False`` needs a
-    training-form checkpoint: fusion cannot be undone.
+    is then fused. ``deploy=False`` needs a training-form checkpoint: fusion cannot be undone.
     """
     spec = model_spec(name)
     reparameterizable = spec.reparameterizable
