@@ -20,6 +20,7 @@ def test_interval_of_known_log_ratios():
     assert (low, high) == (pytest.approx(2.0 * math.exp(-half)), pytest.approx(2.0 * math.exp(half)))
 
 
+@pytest.mark.timing
 def test_a_model_against_itself_is_one_within_its_interval():
     model = load_detector("ppocrv4_det", "pretrained")
     _, result = measure_against(model, model, (160, 160), threads=1, warmup=2, min_rounds=30, max_rounds=30)
@@ -30,6 +31,7 @@ def test_a_model_against_itself_is_one_within_its_interval():
     assert result.low ** 2 / result.ratio <= 1.0 <= result.high ** 2 / result.ratio, result
 
 
+@pytest.mark.timing
 def test_a_heavier_model_measures_slower_and_rounds_stop_at_the_tolerance():
     light = load_detector("ppocrv4_det", "pretrained")
     heavy = build_detector("det_mv3_db")  # about 4x the FLOPs; random weights cost the same

@@ -82,26 +82,28 @@ def host_cpu_lock() -> Path:
     return Path(tempfile.gettempdir()) / f"ocrdet-cpu-{os.getuid()}.lock"
 
 
-def _cpu_lock() -> Path | None:
-    value = os.environ.get(CPU_LOCK_ENV)
-    if not value:
-        return None
-    path = Path(value)
+def _cpu_lock(path: Path | None) -> Path | None:
+    if path is None:
+        value = os.environ.get(CPU_LOCK_ENV)
+        if not value:
+            return None
+        path = Path(value)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
 @contextmanager
-def quiet_host() -> Iterator[None]:
+def quiet_host(lock: Path | None = None) -> Iterator[None]:
     """The block runs while the other processes sharing the CPU lock pause their work units (`cpu_work`).
 
     Timing on a machine where another worker trains measures the contention, not the model: the unpruned model
     timed against itself read 0.767 (interval 0.651-0.904) beside busy workers. Two locks make a turnstile: the
     gate, held exclusively here, stops new work units; the work lock, taken exclusively after it, waits for the
     running ones (a training step, an evaluated image) to end. Without the gate a worker that takes its next step
-    at once could keep the shared work lock forever.
+    at once could keep the shared work lock forever. ``lock``: the CPU lock file, by default the one
+    `CPU_LOCK_ENV` names.
     """
-    path = _cpu_lock()
+    path = _cpu_lock(lock)
     if path is None or getattr(_quiet, "held", False):
         yield
         return
@@ -114,10 +116,10 @@ def quiet_host() -> Iterator[None]:
 
 
 @contextmanager
-def cpu_work() -> Iterator[None]:
+def cpu_work(lock: Path | None = None) -> Iterator[None]:
     """One unit of CPU work (a training step, an evaluated image): waits while a `quiet_host` block runs
     anywhere on the host. Inside this process's own `quiet_host` block it does nothing."""
-    path = _cpu_lock()
+    path = _cpu_lock(lock)
     if path is None or getattr(_quiet, "held", False):
         yield
         return
