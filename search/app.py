@@ -28,18 +28,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune.measure import Measurement
 from prune.plan import PruningPlan, check_plan_fits, make_plan
+from search.attributes import STUDY_REFERENCE, STUDY_SPACE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, Metric
 from search.config import mask_url, objectives
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, TrialData, TrialResult, load_trial_data, measure_model,
                               run_candidate)
 from search.space import SearchSpace
-from search.study import (STUDY_REFERENCE, STUDY_SPACE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, TrialSpec, load_study,
-                          make_storage, screening_points, set_trial_attr, trial_spec)
+from search.study import TrialSpec, load_study, make_storage, screening_points, set_trial_attr, trial_spec
 from search.tracking import RunLogger, Tracker
 from train.cli import exit_on_user_error, print_result_line
 from train.errors import ConfigError, UserError
 from train.runtime import seed_everything, set_device
 from train.weights import detector_from_config
-
 
 log = logging.getLogger(__name__)
 CRASH_FILE = "traceback.txt"  # in the trial's folder and its MLflow run, when the trial crashed
@@ -151,7 +150,7 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
     spec: TrialSpec = trial_spec(study, cfg.trial.number)
     space = SearchSpace.from_json(study.user_attrs[STUDY_SPACE])
     reference = Measurement.from_json(study.user_attrs[STUDY_REFERENCE])
-    cost_metric = next(o.metric for o in objectives(list(cfg.search.objectives)) if o.name != "hmean")
+    cost_metric = next(o.metric for o in objectives(list(cfg.search.objectives)) if o.metric != Metric.HMEAN)
     # Baselines are always fine-tuned: they are what the study must beat.
     front = None if spec.baseline else screening_points(study, cost_metric)
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from prune.criteria import CRITERIA
 from prune.latency import check_rounds
 from prune.sensitivity import check_settings as check_sensitivity_settings
+from search.attributes import Metric
 from search.workers import resolve_workers
 from train.errors import ConfigError
 
@@ -36,9 +37,9 @@ class Objective:
 
 # Costs are ratios to the unpruned model (pruned / unpruned), so values read the same on any model and input size.
 OBJECTIVES: dict[str, Objective] = {
-    "hmean": Objective("hmean", "maximize", "hmean"),
-    "flops": Objective("flops", "minimize", "flops_ratio"),
-    "latency": Objective("latency", "minimize", "latency_ratio"),
+    "hmean": Objective("hmean", "maximize", Metric.HMEAN),
+    "flops": Objective("flops", "minimize", Metric.FLOPS_RATIO),
+    "latency": Objective("latency", "minimize", Metric.LATENCY_RATIO),
 }
 
 # Config sections whose values decide what a trial's numbers mean. A study remembers them at creation and refuses

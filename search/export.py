@@ -37,24 +37,23 @@ from prune.groups import discover_groups
 from prune.latency import LatencyRatio, Runner, round_settings, timed_rounds
 from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned, weights_hash
+from search.app import tracker_for
+from search.attributes import STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_against_unpruned,
                               recover_candidate)
-from search.study import (STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, load_study, make_storage,
-                          storage_file)
-from search.app import tracker_for
+from search.study import load_study, make_storage, storage_file
 from search.tracking import RunLogger, Tracker
 from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.dataset import DetDataset
 from train.deploy_config import DeployConfig
 from train.errors import ConfigError, UserError
 from train.evaluation import evaluate_detector
-from train.inference import (InferenceSession, dygraph_threads, export_inference, exported_programs,
-                             single_threaded)
-from train.onnx import ONNX_FILE, OnnxSession, convert_to_onnx
+from train.inference import InferenceSession, dygraph_threads, export_inference, exported_programs, single_threaded
 from train.metric import DetScores
+from train.models.zoo import model_spec
+from train.onnx import ONNX_FILE, OnnxSession, convert_to_onnx
 from train.recovery import RecoverySettings
 from train.runtime import seed_everything, set_device
-from train.models.zoo import model_spec
 from train.trainer import save_weights
 from train.weights import detector_from_config
 

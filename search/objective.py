@@ -34,6 +34,7 @@ from prune.groups import ChannelGroup, discover_groups
 from prune.latency import LatencyRatio, round_settings
 from prune.measure import Measurement, measure, measure_against
 from prune.plan import PruningPlan, apply_plan, make_plan
+from search.attributes import SECONDS_PREFIX, Metric
 from search.pareto import dominated_with_margin
 from search.space import cut_counts
 from search.tracking import DatasetRecord, files_digest
@@ -201,29 +202,36 @@ class TrialResult:
 
     def cost_metrics(self) -> dict[str, float]:
         m = self.measurement
-        return {"flops": m.flops, "flops_ratio": self.flops_ratio, "flops_reduction": 1.0 - self.flops_ratio,
-                "params": m.params, "latency_ms": m.latency_ms, "latency_ratio": self.latency_ratio,
-                "latency_ratio_low": self.latency.low, "latency_ratio_high": self.latency.high,
-                "latency_rounds": self.latency.rounds, "speedup": 1.0 / self.latency_ratio, "size_bytes": m.size_bytes}
+        return {Metric.FLOPS: m.flops, Metric.FLOPS_RATIO: self.flops_ratio,
+                Metric.FLOPS_REDUCTION: 1.0 - self.flops_ratio, Metric.PARAMS: m.params,
+                Metric.LATENCY_MS: m.latency_ms, Metric.LATENCY_RATIO: self.latency_ratio,
+                Metric.LATENCY_RATIO_LOW: self.latency.low, Metric.LATENCY_RATIO_HIGH: self.latency.high,
+                Metric.LATENCY_ROUNDS: self.latency.rounds, Metric.SPEEDUP: 1.0 / self.latency_ratio,
+                Metric.SIZE_BYTES: m.size_bytes}
+
+    def screen_metrics(self) -> dict[str, float]:
+        s = self.screen
+        return {Metric.SCREEN_HMEAN: s.hmean, Metric.SCREEN_PRECISION: s.precision, Metric.SCREEN_RECALL: s.recall}
 
     def metrics(self) -> dict[str, float]:
         """Every scalar the trial produced, under the names MLflow and the study's user attributes use."""
         out = self.cost_metrics()
-        for prefix, scores in (("screen_", self.screen), ("", self.scores)):
-            if scores is not None:
-                out.update({f"{prefix}hmean": scores.hmean, f"{prefix}precision": scores.precision,
-                            f"{prefix}recall": scores.recall})
+        if self.screen is not None:
+            out.update(self.screen_metrics())
+        if self.scores is not None:
+            out.update({Metric.HMEAN: self.scores.hmean, Metric.PRECISION: self.scores.precision,
+                        Metric.RECALL: self.scores.recall})
         if self.guard is not None:
             out.update(self.guard.metrics())
         if self.finetune is not None and self.finetune.losses:
-            out["finetune_final_loss"] = self.finetune.losses[-1]
-        out.update({f"seconds_{k}": v for k, v in self.seconds.items()})
+            out[Metric.FINETUNE_FINAL_LOSS] = self.finetune.losses[-1]
+        out.update({f"{SECONDS_PREFIX}{k}": v for k, v in self.seconds.items()})
         return out
 
 
 def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_dir: Path, sink: MetricSink,
                   ratios: Mapping[str, float] | None = None, plan: PruningPlan | None = None,
-                  screening_front: Sequence[tuple[float, float]] | None = None, cost_metric: str = "flops_ratio",
+                  screening_front: Sequence[tuple[float, float]] | None = None, cost_metric: str = Metric.FLOPS_RATIO,
                   ) -> TrialResult:
     """Run steps 1-4 of the module docstring for a plan given as `ratios` (ranked here) or as a ready `plan`.
 
@@ -256,7 +264,7 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
         bn_batches = screening.bn_batches if cut_counts(plan) else 0
         result.screen = screen_candidate(model, data, settings, bn_batches, screening.max_images, cfg.progress)
         result.seconds["screen"] = time.perf_counter() - tic
-        sink.log_metrics({f"screen_{k}": getattr(result.screen, k) for k in ("hmean", "precision", "recall")})
+        sink.log_metrics(result.screen_metrics())
         cost = result.cost_metrics()[cost_metric]
         if screening_front is not None and dominated_with_margin(result.screen.hmean, cost, screening_front,
                                                                  screening.margin):
@@ -270,7 +278,7 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
         result.finetune = recover_candidate(model, unpruned, plan, groups, data.train_set, settings, cfg.progress,
                                             unlabeled=data.unlabeled)
         result.seconds["finetune"] = time.perf_counter() - tic
-        sink.log_series("finetune_loss", result.finetune.losses)
+        sink.log_series(Metric.FINETUNE_LOSS, result.finetune.losses)
 
     tic = time.perf_counter()
     result.scores = evaluate_detector(model, data.eval_set, data.postprocess, cfg.data.eval.max_images,

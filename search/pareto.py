@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first: no display on servers)
 import numpy as np  # noqa: E402
 
+from search.attributes import Metric  # noqa: E402
 from search.config import Objective  # noqa: E402
 
 
@@ -99,8 +100,8 @@ def select(front: Sequence[TrialRecord], objectives: Sequence[Objective], max_fl
     """Highest hmean on the front within the configured cost limits (fewer FLOPs breaks ties); if no point is
     within them (or no limit is set), the knee."""
     limits = [(name, attr, limit) for name, attr, limit in
-              (("max_flops_ratio", "flops_ratio", max_flops_ratio),
-               ("max_latency_ratio", "latency_ratio", max_latency_ratio)) if limit is not None]
+              (("max_flops_ratio", Metric.FLOPS_RATIO, max_flops_ratio),
+               ("max_latency_ratio", Metric.LATENCY_RATIO, max_latency_ratio)) if limit is not None]
     within = [r for r in front if all(getattr(r, attr) <= limit for _, attr, limit in limits)]
     if limits and within:
         best = max(within, key=lambda r: (r.hmean, -r.flops_ratio))
@@ -152,7 +153,7 @@ def format_front(front: Sequence[TrialRecord], chosen: int | None) -> str:
 
 
 def plot_front(records: Sequence[TrialRecord], front: Sequence[TrialRecord], chosen: int | None, path: Path,
-               screened: Sequence[tuple[float, float]] = (), cost: str = "flops_ratio") -> Path:
+               screened: Sequence[tuple[float, float]] = (), cost: str = Metric.FLOPS_RATIO) -> Path:
     """hmean against cost ratio: every complete trial, the front as a line, baselines and the chosen trial marked.
 
     `screened`: (screening hmean, cost ratio) of screened-out candidates, drawn faintly (they were not fine-tuned).
@@ -178,7 +179,7 @@ def plot_front(records: Sequence[TrialRecord], front: Sequence[TrialRecord], cho
             ax.scatter(getattr(r, cost), r.hmean, marker="*", color="tab:red", s=220, zorder=5,
                        label=f"chosen (trial {r.number})")
     ax.scatter([], [], marker="s", facecolor="none", edgecolor="tab:blue", label="seed rule baselines")
-    label = {"flops_ratio": "inference FLOPs", "latency_ratio": "CPU latency"}.get(cost, cost)
+    label = {Metric.FLOPS_RATIO: "inference FLOPs", Metric.LATENCY_RATIO: "CPU latency"}.get(cost, cost)
     ax.set_xlabel(f"{label}, pruned / unpruned")
     ax.set_ylabel("hmean after fine-tune")
     finite = [r.hmean for r in records if math.isfinite(r.hmean)]

@@ -25,22 +25,23 @@ from prune.budget import FlopsOfCounts
 from prune.groups import discover_groups
 from prune.sensitivity.report import plot_curves, write_csv
 from search.app import TrialFailed, TrialOutcome, tracker_for
+from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, FINISHED, STALE_REASON,
+                               STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE, STUDY_SETTINGS,
+                               STUDY_SPACE, TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_PROJECTED_FLOPS,
+                               TRIAL_RATIOS, TRIAL_RUN_ID, TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_TARGET,
+                               TRIAL_WORKER, Metric)
+from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, mask_url, objectives,
+                           study_constraints, task_config)
 from search.heartbeat import Heartbeat, Liveness, worker_id
-from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, mask_url,
-                           objectives, study_constraints, task_config)
 from search.objective import load_trial_data, study_datasets
 from search.pareto import Selection, format_front, pareto_front, plot_front, select
 from search.pareto import write_csv as write_records
 from search.prior import Prior, always_skip_groups, build_prior, check_always_skip, help_scan
 from search.sampling import TrialSeededSampler, make_sampler, warm_start_trials
 from search.space import Candidate, SearchSpace, suggest
-from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, FINISHED, STALE_REASON,
-                          STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE, STUDY_SETTINGS, STUDY_SPACE,
-                          TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_PROJECTED_FLOPS, TRIAL_RATIOS,
-                          TRIAL_RUN_ID, TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_TARGET, TRIAL_WORKER, Budget,
-                          claim_creation, count_finished, enqueue_warm_start, fail_stale_trials, give_up,
-                          last_heartbeat, make_storage, open_study, over_budget, storage_file,
-                          storage_where, trial_records)
+from search.study import (Budget, claim_creation, count_finished, enqueue_warm_start, fail_stale_trials, give_up,
+                          last_heartbeat, make_storage, open_study, over_budget, storage_file, storage_where,
+                          trial_records)
 from search.tracking import RunLogger
 from train.cli import print_result_line
 from train.errors import ConfigError, UserError
@@ -370,11 +371,12 @@ class StudyRunner:
             trial.set_user_attr(TRIAL_SCREENED_OUT, True)
             self.study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d screened out (screening hmean %.4f, flops ratio %.3f)", trial.number,
-                     outcome.metrics["screen_hmean"], outcome.metrics["flops_ratio"])
+                     outcome.metrics[Metric.SCREEN_HMEAN], outcome.metrics[Metric.FLOPS_RATIO])
             return
         self.study.tell(trial, [outcome.metrics[o.metric] for o in self.objectives])
-        log.info("trial %d: hmean %.4f, flops ratio %.3f, latency ratio %.3f", trial.number,
-                 outcome.metrics["hmean"], outcome.metrics["flops_ratio"], outcome.metrics["latency_ratio"])
+        metrics = outcome.metrics
+        log.info("trial %d: hmean %.4f, flops ratio %.3f, latency ratio %.3f", trial.number, metrics[Metric.HMEAN],
+                 metrics[Metric.FLOPS_RATIO], metrics[Metric.LATENCY_RATIO])
 
     # -- 4: summary ------------------------------------------------------------------------------------------
     def finish(self) -> Selection:
@@ -395,7 +397,7 @@ class StudyRunner:
         self._tag_runs({r.number for r in front}, chosen.record.number)
         self.study.set_user_attr(STUDY_CHOSEN, chosen.record.number)
 
-        cost = next(o.metric for o in self.objectives if o.name != "hmean")
+        cost = next(o.metric for o in self.objectives if o.metric != Metric.HMEAN)
         files = [write_records(front, self.out_dir / "pareto.csv"), write_records(records, self.out_dir / "trials.csv"),
                  plot_front(records, front, chosen.record.number, self.out_dir / "pareto.png",
                             screened=self._screened_points(cost), cost=cost)]
@@ -422,7 +424,7 @@ class StudyRunner:
         return chosen
 
     def _screened_points(self, cost: str) -> list[tuple[float, float]]:
-        return [(float(t.user_attrs["screen_hmean"]), float(t.user_attrs[cost]))
+        return [(float(t.user_attrs[Metric.SCREEN_HMEAN]), float(t.user_attrs[cost]))
                 for t in self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
                 if t.user_attrs.get(TRIAL_SCREENED_OUT)]
 

@@ -10,11 +10,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
+from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, TRIAL_BASELINE, TRIAL_SEED_RULE_REDUCTION,
+                               TRIAL_SEED_RULE_THRESHOLD, TRIAL_TARGET)
 from search.config import study_constraints
 from search.prior import Prior
 from search.space import cut_counts, params_for, params_for_target
-from search.study import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, TRIAL_BASELINE, TRIAL_SEED_RULE_REDUCTION,
-                          TRIAL_SEED_RULE_THRESHOLD, TRIAL_TARGET, WarmStart, constraints_func)
+from search.study import WarmStart, constraints_func
 from train.errors import ConfigError
 
 # TPE's multivariate/group modes and a few samplers are "experimental" in Optuna, with a warning per trial.

@@ -25,49 +25,15 @@ from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError
 from optuna.trial import FrozenTrial, TrialState
 
+from search.attributes import (FINISHED, STALE_REASON, STUDY_WARM_STARTED, TRIAL_BASELINE, TRIAL_FAIL_REASON,
+                               TRIAL_HEARTBEAT, TRIAL_RATIOS, TRIAL_RUN_ID, TRIAL_SKIP_SET, TRIAL_TARGET,
+                               WARM_START_ATTRS, Metric)
 from search.config import Objective, mask_url
 from search.pareto import TrialRecord
 from train.errors import ConfigError
 
 if TYPE_CHECKING:
     from search.heartbeat import Liveness
-
-# Study user attributes.
-STUDY_SETTINGS = "settings"
-STUDY_SPACE = "space"
-STUDY_REFERENCE = "reference"
-STUDY_PARENT_RUN = "mlflow_parent_run_id"
-STUDY_WARM_STARTED = "warm_started"
-STUDY_CHOSEN = "chosen_trial"
-STUDY_CREATION = "creation"     # the lease of the worker building the prior: {worker, attempt, heartbeat}
-
-# Trial user attributes.
-TRIAL_RATIOS = "ratios"
-TRIAL_SKIP_SET = "skip_set"
-TRIAL_BASELINE = "baseline"
-TRIAL_TARGET = "target_reduction"
-TRIAL_PROJECTED_FLOPS = "projected_flops_ratio"  # the FLOPs ratio a projected candidate was scaled to
-TRIAL_SEED_RULE_REDUCTION = "seed_rule_reduction"
-TRIAL_SEED_RULE_THRESHOLD = "seed_rule_threshold"
-TRIAL_RUN_ID = "mlflow_run_id"
-TRIAL_SCREENED_OUT = "screened_out"
-TRIAL_FAIL_REASON = "fail_reason"
-TRIAL_WORKER = "worker"
-TRIAL_HEARTBEAT = "heartbeat"   # time.time() of the running trial's last heartbeat
-
-STALE_REASON = "stale: worker stopped sending heartbeats"
-BUDGET_MET_REASON = "budget met by other workers"
-
-# What a warm-start trial is enqueued with (and enqueued again with when it is given up before it ran).
-WARM_START_ATTRS = (TRIAL_BASELINE, TRIAL_TARGET, TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD)
-
-BASELINE_SEED_RULE = "seed_rule"
-BASELINE_UNPRUNED = "unpruned"
-
-# Screened-out candidates are told as PRUNED: they count towards the budget, samplers learn to avoid their
-# region, and they stay off Optuna's own Pareto front (`study.best_trials`) as they were never fine-tuned.
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
 
 def storage_where(cfg: DictConfig) -> str:
     """Where the `storage` config points (its URL, masked, or its class), for messages; resolving it here makes an
@@ -121,16 +87,16 @@ def constraint_values(attrs: Mapping[str, Any], constraints: Mapping[str, float 
 
     A screened-out trial has no fine-tuned hmean; its screening hmean stands in.
     """
-    hmean = attrs.get("hmean", attrs.get("screen_hmean", 0.0))
+    hmean = attrs.get(Metric.HMEAN, attrs.get(Metric.SCREEN_HMEAN, 0.0))
     values = []
     if constraints.get("max_flops_ratio") is not None:
-        values.append(float(attrs["flops_ratio"]) - constraints["max_flops_ratio"])
+        values.append(float(attrs[Metric.FLOPS_RATIO]) - constraints["max_flops_ratio"])
     if constraints.get("max_latency_ratio") is not None:
-        values.append(float(attrs["latency_ratio"]) - constraints["max_latency_ratio"])
+        values.append(float(attrs[Metric.LATENCY_RATIO]) - constraints["max_latency_ratio"])
     if constraints.get("min_hmean") is not None:
         values.append(constraints["min_hmean"] - float(hmean))
     if constraints.get("min_agreement") is not None:  # not measured (screened out, failed): not shown to generalize
-        values.append(constraints["min_agreement"] - float(attrs.get("agreement", 0.0)))
+        values.append(constraints["min_agreement"] - float(attrs.get(Metric.AGREEMENT, 0.0)))
     return values
 
 
@@ -141,7 +107,7 @@ def constraints_func(constraints: Mapping[str, float | None]) -> Callable[[Froze
     limits = dict(constraints)
 
     def evaluate(trial: FrozenTrial) -> list[float]:
-        if "flops_ratio" not in trial.user_attrs:  # failed before measuring: infeasible
+        if Metric.FLOPS_RATIO not in trial.user_attrs:  # failed before measuring: infeasible
             return [1.0] * len([v for v in limits.values() if v is not None])
         return constraint_values(trial.user_attrs, limits)
 
@@ -309,9 +275,9 @@ def trial_spec(study: optuna.Study, number: int) -> TrialSpec:
 
 def screening_points(study: optuna.Study, cost_metric: str) -> list[tuple[float, float]]:
     """(screening hmean, cost ratio) of every finished trial that was screened."""
-    return [(float(t.user_attrs["screen_hmean"]), float(t.user_attrs[cost_metric]))
+    return [(float(t.user_attrs[Metric.SCREEN_HMEAN]), float(t.user_attrs[cost_metric]))
             for t in study.get_trials(deepcopy=False, states=FINISHED)
-            if "screen_hmean" in t.user_attrs and cost_metric in t.user_attrs]
+            if Metric.SCREEN_HMEAN in t.user_attrs and cost_metric in t.user_attrs]
 
 
 def trial_records(study: optuna.Study, constraints: Mapping[str, float | None]) -> list[TrialRecord]:
@@ -320,10 +286,11 @@ def trial_records(study: optuna.Study, constraints: Mapping[str, float | None]) 
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
         records.append(TrialRecord(
-            number=t.number, hmean=float(a["hmean"]), precision=float(a["precision"]), recall=float(a["recall"]),
-            flops_ratio=float(a["flops_ratio"]), latency_ratio=float(a["latency_ratio"]), params=int(a["params"]),
+            number=t.number, hmean=float(a[Metric.HMEAN]), precision=float(a[Metric.PRECISION]),
+            recall=float(a[Metric.RECALL]), flops_ratio=float(a[Metric.FLOPS_RATIO]),
+            latency_ratio=float(a[Metric.LATENCY_RATIO]), params=int(a[Metric.PARAMS]),
             run_id=str(a.get(TRIAL_RUN_ID, "")), baseline=a.get(TRIAL_BASELINE, ""),
-            target_reduction=a.get(TRIAL_TARGET), agreement=float(a.get("agreement", math.nan)),
-            false_boxes=float(a.get("false_boxes", math.nan)),
+            target_reduction=a.get(TRIAL_TARGET), agreement=float(a.get(Metric.AGREEMENT, math.nan)),
+            false_boxes=float(a.get(Metric.FALSE_BOXES, math.nan)),
             feasible=all(v <= 0 for v in constraint_values(a, constraints))))
     return records

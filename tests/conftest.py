@@ -47,8 +47,8 @@ def cache_env(tmp_path: Path) -> dict[str, str]:
 
 def run_cli(module: str, args: list[str], env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run `python -m module args...` the way a user does; returns the finished process (text mode)."""
-    return subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 # The test run's own CPU lock (train.locks' turnstile, apart from the one studies use): a test marked `timing`

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from mlflow.tracking import MlflowClient
@@ -15,10 +16,9 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 import train.data.source  # noqa: F401  (registers the data.generator schema the data configs use)
-from conftest import REPO
 from search.app import CRASH_FILE, TrialFailed, _run_tracked
+from search.attributes import TRIAL_FAIL_REASON
 from search.runner import StudyRunner, TrialsCrashed
-from search.study import TRIAL_FAIL_REASON
 from search.tracking import Tracker
 from train.errors import DataError, UserError
 

@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
+from conftest import N_TRIALS, REPO, STUDY, TINY_SEARCH
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from conftest import N_TRIALS, REPO, STUDY, TINY_SEARCH
+from search.attributes import BUDGET_MET_REASON, STALE_REASON
 from search.heartbeat import Liveness
-from search.study import BUDGET_MET_REASON, STALE_REASON, Budget, fail_stale_trials, give_up, over_budget
+from search.study import Budget, fail_stale_trials, give_up, over_budget
 
 CHOSEN_LINE = re.compile(r"^chosen_trial=\d+ hmean=\d+\.\d+ flops_ratio=\d+\.\d+ latency_ratio=\d+\.\d+ "
                          r"run_id=[0-9a-f]{32}$")

@@ -15,13 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
+from conftest import REPO, STUDY, TINY_SEARCH
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-
-from conftest import REPO, STUDY, TINY_SEARCH
-from search.study import (BUDGET_MET_REASON, STUDY_PARENT_RUN, TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_RUN_ID,
-                          TRIAL_TARGET)
 from services import mlflow_server, postgres  # noqa: F401 (fixtures)
+
+from search.attributes import (BUDGET_MET_REASON, STUDY_PARENT_RUN, TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_RUN_ID,
+                               TRIAL_TARGET)
 
 N_TRIALS = 6  # 3 warm-start trials (TINY_SEARCH: unpruned, seed rule at 0.3 and 0.5) + 3 sampled
 WORKERS = 2

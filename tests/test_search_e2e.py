@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import N_TRIALS, STUDY, TINY_SEARCH, run_cli, run_study  # noqa: F401 (TINY_SEARCH: re-export)
+from search.attributes import TRIAL_ATTRS, is_trial_metric
 
 CHOSEN_LINE = re.compile(r"^chosen_trial=(\d+) hmean=(\d+\.\d+) flops_ratio=(\d+\.\d+) latency_ratio=(\d+\.\d+) "
                          r"run_id=([0-9a-f]{32})$")
@@ -91,6 +92,9 @@ def test_mlflow_has_one_parent_and_one_comparable_child_per_trial(study_run):
         assert {"flops", "flops_ratio", "flops_reduction", "params", "latency_ms", "size_bytes",
                 "screen_hmean", "screen_precision", "screen_recall"} <= set(metrics)
         assert metrics["flops_ratio"] == pytest.approx(t.user_attrs["flops_ratio"])
+        # Every name a trial logs or stores is declared once, in search.attributes (a typo there fails here).
+        assert all(is_trial_metric(name) for name in metrics), sorted(metrics)
+        assert all(is_trial_metric(name) or name in TRIAL_ATTRS for name in t.user_attrs), sorted(t.user_attrs)
         ratios = [float(v) for k, v in run.data.params.items() if k.startswith("ratio:")]
         assert (max(ratios) == 0) == (t.number == 0)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
