@@ -234,9 +234,9 @@ def test_measure_leaves_model_as_it_was_and_round_trips(ppocrv4: nn.Layer):
 
 def test_measure_against_a_reference_times_each_once_and_reports_the_candidate_median(ppocrv4: nn.Layer):
     small = zoo.build_detector("det_mv3_db")
-    result, ratio = measure_against(small, ppocrv4, (64, 64), threads=1, warmup=1, min_rounds=4, max_rounds=4)
+    result, ratio = measure_against(small, ppocrv4, (64, 64), threads=1, warmup=1, min_rounds=12, max_rounds=12)
     assert result.flops == count_flops(small, (64, 64)) and result.params == count_params(small)
-    assert (result.latency_ms, result.runs, result.warmup) == (ratio.candidate_ms, 4, 1) and ratio.rounds == 4
+    assert (result.latency_ms, result.runs, result.warmup) == (ratio.candidate_ms, 12, 1) and ratio.rounds == 12
     assert 0 < ratio.low <= ratio.ratio <= ratio.high and ratio.reference_ms > 0
 
 
