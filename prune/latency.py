@@ -72,9 +72,10 @@ def check_rounds(min_rounds: int, max_rounds: int, tolerance: float, key: str = 
         raise ConfigError(f"{key}.tolerance={tolerance}: must be in (0, 1)")
 
 
-def round_settings(measure: Mapping[str, Any]) -> dict[str, Any]:
-    """The warm-up and round settings of a `measure` config node, as `timed_rounds` takes them (checked)."""
-    check_rounds(measure["min_rounds"], measure["max_rounds"], measure["tolerance"])
+def round_settings(measure: Mapping[str, Any], key: str = "measure") -> dict[str, Any]:
+    """The warm-up and round settings of a config node (`measure`, or the one named `key`), as `timed_rounds` takes
+    them (checked)."""
+    check_rounds(measure["min_rounds"], measure["max_rounds"], measure["tolerance"], key)
     return {key: measure[key] for key in ("warmup", "min_rounds", "max_rounds", "tolerance")}
 
 

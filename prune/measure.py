@@ -140,6 +140,19 @@ def _has_unruled_weights(layer: nn.Layer) -> bool:
     return any(len(p.shape) >= 2 for p in layer.parameters(include_sublayers=False))
 
 
+def hooked_forward(model: nn.Layer, input_size: tuple[int, int], hook: Callable[[nn.Layer, tuple, Any], None],
+                   layers: Callable[[nn.Layer], bool] = lambda layer: True) -> None:
+    """One eval-mode forward of a (1, 3, H, W) batch of ones with ``hook(layer, inputs, output)`` called after each
+    sublayer that ``layers`` selects (the model's mode is restored, the hooks removed)."""
+    handles = [layer.register_forward_post_hook(hook) for layer in model.sublayers(include_self=True) if layers(layer)]
+    try:
+        with eval_mode(model), paddle.no_grad():
+            model(paddle.ones([1, 3, *input_size], dtype="float32"))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @dataclass(frozen=True)
 class _Trace:
     layer_flops: dict[str, int]
@@ -163,13 +176,7 @@ def _trace(model: nn.Layer, input_size: tuple[int, int]) -> _Trace:
         name = names[id(layer)]
         flops[name] = flops.get(name, 0) + count  # a layer called twice costs twice
 
-    handles = [layer.register_forward_post_hook(hook) for layer in model.sublayers(include_self=True)]
-    try:
-        with eval_mode(model), paddle.no_grad():
-            model(paddle.ones([1, 3, *input_size], dtype="float32"))
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooked_forward(model, input_size, hook)
     if unruled:
         raise NotImplementedError(f"no FLOPs rule for layer(s) with weights: {', '.join(sorted(set(unruled)))}")
 
