@@ -133,6 +133,12 @@ def load_checkpoint(model: paddle.nn.Layer, path: str | Path) -> None:
     load_state_strict(model, read_pdparams(path), source=str(path))
 
 
+def _built(name: str, deploy: bool) -> DBDetector:
+    """Zoo model ``name`` with initial weights, in deploy or training form (reparameterizable models; the others
+    have one form and ignore ``deploy``)."""
+    return build_detector(name, deploy=deploy) if model_spec(name).reparameterizable else build_detector(name)
+
+
 def load_detector(name: str, checkpoint: str | Path | None = None, deploy: bool = True) -> DBDetector:
     """The detector behind a model config (``name``, ``checkpoint``), strictly loaded, in eval mode.
 
@@ -146,7 +152,7 @@ def load_detector(name: str, checkpoint: str | Path | None = None, deploy: bool 
     spec = model_spec(name)
     reparameterizable = spec.reparameterizable
     if checkpoint is None:
-        model = build_detector(name, deploy=deploy) if reparameterizable else build_detector(name)
+        model = _built(name, deploy)
     elif checkpoint == PRETRAINED:
         if not spec.pretrained:
             shipped = [n for n, s in MODELS.items() if s.pretrained]
@@ -165,7 +171,7 @@ def load_detector(name: str, checkpoint: str | Path | None = None, deploy: bool 
                 f"{checkpoint}: holds the fused deploy form of {name} (no conv_kxk branches); the training form "
                 "cannot be recovered from it, load it with deploy=True"
             )
-        model = build_detector(name, deploy=not training_form) if reparameterizable else build_detector(name)
+        model = _built(name, deploy=not training_form)
         load_state_strict(model, state, source=str(checkpoint))
         if deploy and training_form:
             reparameterize(model)
@@ -279,7 +285,7 @@ def load_pretrained(name: str) -> DBDetector:
     """
     shipped = _shipped(name)
     model_dir = pretrained_model_dir(name)
-    model = build_detector(name, deploy=True) if model_spec(name).reparameterizable else build_detector(name)
+    model = _built(name, deploy=True)
     state = rename_shipped_keys(read_inference_params(model_dir), shipped)
     load_state_strict(model, state, source=str(model_dir / INFERENCE_PARAMS_FILE), allow_missing=shipped.absent)
     model.head.init_thresh("copy")
