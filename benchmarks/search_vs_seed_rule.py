@@ -11,6 +11,11 @@ only in `search.sampler.seed`:
     python benchmarks/search_vs_seed_rule.py --studies outputs/search/v8 outputs/search/v9s1 ... [--shifted]
         reads finished studies (their `out_dir`s) and adds a mean ± sd summary over them.
 
+`--seeds N` recovers the 50% seed-rule plan and the best searched plan of each study again with recovery seeds
+1..N (`python -m search trial.plan=... finetune.seed=<s>`, two at a time; seed 0 is the trial itself; cached by plan
+and seed in `<out_dir>/reeval_seeds.json`) and compares them seed by seed (common random numbers): one 60-step
+recovery's seed spread is as large as the differences between plans, so the single-seed gain says little.
+
 `--shifted` also scores, at the 50% target, the seed rule's trial and the study's chosen trial (their trial
 weights, as recovered in the study) on `../shared/eval/shifted_v1` with `python -m train.evaluate` (evaluation
 only; cached in `<out_dir>/shifted_v1_trials.json`).
@@ -18,12 +23,16 @@ only; cached in `<out_dir>/shifted_v1_trials.json`).
 Per study it prints a markdown table and `target=0.5 seed_rule_hmean=<f> searched_hmean=<f>
 searched_flops_ratio=<f> gain=<f>` (searched values -1 when no searched trial is that cheap); with `--studies`
 the last line is `studies=<n> gain_mean=<f> gain_sd=<f> chosen_gain_mean=<f> [shifted_gain_mean=<f>
-shifted_gain_sd=<f>]`, where `chosen_gain` is the chosen trial's hmean minus the seed rule's at 50%.
+shifted_gain_sd=<f>] [seeds=<n> seeds_gain_mean=<f> seeds_gain_sd=<f>]`, where `chosen_gain` is the chosen trial's
+hmean minus the seed rule's at 50%, and `seeds_gain` the best searched plan's mean hmean over recovery seeds 0..N
+minus the seed rule's (mean and sd over studies).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,6 +49,7 @@ from search.study import make_storage
 
 REPO = Path(__file__).resolve().parents[1]
 SHIFTED_CACHE = "shifted_v1_trials.json"
+REEVAL_CACHE = "reeval_seeds.json"
 
 
 @dataclass
@@ -119,6 +129,45 @@ def shifted_hmean(out_dir: Path, trial: int) -> float:
     return cache[str(trial)]
 
 
+def _plan_key(out_dir: Path, trial: int) -> str:
+    return hashlib.sha256((out_dir / "trials" / str(trial) / "plan.json").read_bytes()).hexdigest()[:16]
+
+
+def reevaluate(jobs: list[tuple[Path, optuna.trial.FrozenTrial]], seeds: int, folders: list[Path]) -> dict[str, float]:
+    """hmean of each (study, trial)'s plan recovered with seeds 1..`seeds` (0: the trial's own), keyed
+    `<plan digest>:<seed>`; runs the missing recoveries two at a time and caches them in each study's folder."""
+    known: dict[str, float] = {}
+    for folder in folders:
+        path = folder / REEVAL_CACHE
+        if path.exists():
+            known.update(json.loads(path.read_text()))
+    todo = []
+    for out_dir, trial in jobs:
+        key = _plan_key(out_dir, trial.number)
+        known.setdefault(f"{key}:0", float(trial.user_attrs["hmean"]))
+        todo += [(out_dir, trial.number, key, s) for s in range(1, seeds + 1) if f"{key}:{s}" not in known]
+    todo = list({(k, s): (o, n, k, s) for o, n, k, s in todo}.values())  # one plan, one seed: once
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+    for start in range(0, len(todo), 2):
+        procs = []
+        for out_dir, number, key, seed in todo[start:start + 2]:
+            folder = out_dir / "reeval" / f"{number}-s{seed}"
+            procs.append((out_dir, key, seed, subprocess.Popen(
+                [sys.executable, "-m", "search", f"trial.plan={out_dir / 'trials' / str(number) / 'plan.json'}",
+                 f"finetune.seed={seed}", f"out_dir={folder}", "progress=false"],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)))
+        for out_dir, key, seed, proc in procs:
+            stdout, _ = proc.communicate()
+            if proc.returncode != 0:
+                sys.exit(f"error: recovery of plan {key} with seed {seed} failed (exit {proc.returncode})")
+            line = stdout.strip().splitlines()[-1]
+            known[f"{key}:{seed}"] = float(dict(kv.split("=", 1) for kv in line.split())["hmean"])
+            path = out_dir / REEVAL_CACHE
+            cached = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**cached, f"{key}:{seed}": known[f"{key}:{seed}"]}, indent=1))
+    return known
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -129,6 +178,7 @@ def main() -> None:
     parser.add_argument("--studies", nargs="+", type=Path, help="read these finished studies (out_dir folders)")
     parser.add_argument("--shifted", action="store_true", help="score the 50%% trials on shifted_v1 too")
     parser.add_argument("--slack", type=float, default=0.01, help="FLOPs-ratio slack for 'no more FLOPs'")
+    parser.add_argument("--seeds", type=int, default=0, help="recover the 50%% plans again with seeds 1..N")
     args, overrides = parser.parse_known_args()
     if args.studies is None:
         if not args.no_run:
@@ -169,7 +219,32 @@ def main() -> None:
     if shifted_gains:
         shifted = mean_sd(shifted_gains)
         line += f" shifted_gain_mean={shifted[0]:.6f} shifted_gain_sd={shifted[1]:.6f}"
+    if args.seeds > 0:
+        line += " " + seeds_comparison(comparisons, args.seeds, list(args.studies))
     print(line)
+
+
+def seeds_comparison(comparisons: list[tuple[Comparison, Path]], seeds: int, folders: list[Path]) -> str:
+    """Print the seed-by-seed table of the 50% plans; the `seeds=...` part of the last line."""
+    jobs = [(out_dir, t) for c, out_dir in comparisons for t in (c.seed_rule, c.best) if t is not None]
+    known = reevaluate(jobs, seeds, folders)
+    print(f"\nRecovered with seeds 0..{seeds} (hmean per seed; gain = searched - seed rule, seed by seed):")
+    print("| study | seed rule | mean ± sd | best searched (trial) | mean ± sd | gain mean ± sd |")
+    print("|---|---|---|---|---|---|")
+    gains = []
+    for c, out_dir in comparisons:
+        if c.best is None:
+            continue
+        rule = [known[f"{_plan_key(out_dir, c.seed_rule.number)}:{s}"] for s in range(seeds + 1)]
+        best = [known[f"{_plan_key(out_dir, c.best.number)}:{s}"] for s in range(seeds + 1)]
+        paired = [b - r for b, r in zip(best, rule)]
+        gains.append(statistics.fmean(paired))
+        fmt = " ".join(f"{v:.3f}" for v in rule), " ".join(f"{v:.3f}" for v in best)
+        print(f"| {out_dir.name} | {fmt[0]} | {mean_sd(rule)[0]:.3f} ± {mean_sd(rule)[1]:.3f} | {fmt[1]} "
+              f"({c.best.number}) | {mean_sd(best)[0]:.3f} ± {mean_sd(best)[1]:.3f} | "
+              f"{mean_sd(paired)[0]:+.3f} ± {mean_sd(paired)[1]:.3f} |")
+    gain = mean_sd(gains)
+    return f"seeds={seeds + 1} seeds_gain_mean={gain[0]:.6f} seeds_gain_sd={gain[1]:.6f}"
 
 
 if __name__ == "__main__":
