@@ -76,7 +76,7 @@ def round_settings(measure: Mapping[str, Any], key: str = "measure") -> dict[str
     """The warm-up and round settings of a config node (`measure`, or the one named `key`), as `timed_rounds` takes
     them (checked)."""
     check_rounds(measure["min_rounds"], measure["max_rounds"], measure["tolerance"], key)
-    return {key: measure[key] for key in ("warmup", "min_rounds", "max_rounds", "tolerance")}
+    return {name: measure[name] for name in ("warmup", "min_rounds", "max_rounds", "tolerance")}
 
 
 def interval(log_ratios: list[float], block: int = BLOCK_ROUNDS) -> tuple[float, float, float]:

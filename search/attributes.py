@@ -80,12 +80,20 @@ class Metric(StrEnum):
     SPEEDUP = "speedup"
     FINETUNE_LOSS = "finetune_loss"  # a series: the recovery loss at each step
     FINETUNE_FINAL_LOSS = "finetune_final_loss"
+    # The export of a trial (logged on its run with `EXPORT_PREFIX`, beside the accuracy and cost names above).
+    FINETUNE_STEPS = "finetune_steps"
+    PARITY_MAX_ABS_DIFF = "parity_max_abs_diff"
+    DEPLOYED_MAX_ABS_DIFF = "deployed_max_abs_diff"
 
 
 # Wall seconds of a trial's stages: `seconds_measure`, `seconds_finetune`, ...
 SECONDS_PREFIX = "seconds_"
+# What `python -m search.export` measured of the exported model, on the trial's run: `export_hmean`, ...
+EXPORT_PREFIX = "export_"
 
 
 def is_trial_metric(name: str) -> bool:
-    """Whether ``name`` is one a trial logs: a `Metric` or a stage's seconds."""
-    return name in Metric.__members__.values() or name.startswith(SECONDS_PREFIX)
+    """Whether ``name`` is one a trial's run holds: a `Metric`, a stage's seconds or an exported model's `Metric`."""
+    known = Metric.__members__.values()
+    return (name in known or name.startswith(SECONDS_PREFIX)
+            or (name.startswith(EXPORT_PREFIX) and name[len(EXPORT_PREFIX):] in known))

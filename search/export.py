@@ -38,7 +38,8 @@ from prune.latency import LatencyRatio, Runner, round_settings, timed_rounds
 from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned, weights_hash
 from search.app import tracker_for
-from search.attributes import STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID
+from search.attributes import (EXPORT_PREFIX, STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID,
+                               Metric)
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_against_unpruned,
                               recover_candidate)
 from search.study import load_study, make_storage, storage_file
@@ -199,10 +200,10 @@ class ExportReport:
 
     def metrics(self) -> dict[str, float]:
         """The numbers logged to MLflow (prefixed `export_`)."""
-        keys = ("hmean", "precision", "recall", "flops", "params", "latency_ms", "size_bytes", "flops_ratio",
-                "latency_ratio", "parity_max_abs_diff", "deployed_max_abs_diff", "finetune_steps", "agreement",
-                "false_boxes")
-        return {f"export_{k}": float(getattr(self, k)) for k in keys if getattr(self, k) is not None}
+        keys = (Metric.HMEAN, Metric.PRECISION, Metric.RECALL, Metric.FLOPS, Metric.PARAMS, Metric.LATENCY_MS,
+                Metric.SIZE_BYTES, Metric.FLOPS_RATIO, Metric.LATENCY_RATIO, Metric.PARITY_MAX_ABS_DIFF,
+                Metric.DEPLOYED_MAX_ABS_DIFF, Metric.FINETUNE_STEPS, Metric.AGREEMENT, Metric.FALSE_BOXES)
+        return {f"{EXPORT_PREFIX}{k}": float(getattr(self, k)) for k in keys if getattr(self, k) is not None}
 
 
 def _check_export_config(cfg: DictConfig) -> None:
