@@ -43,8 +43,12 @@ def test_a_model_against_itself_is_one_within_its_interval():
     assert isinstance(result, LatencyRatio) and result.rounds == 32
     assert result.low <= result.ratio <= result.high
     # The nominal 95% interval would miss 1.0 in 1 run of 20 by chance alone: the test allows twice its width
-    # (a ~4-sigma band), which a bias of the protocol (one side always timed first, one model timed twice) exceeds.
-    assert result.low ** 2 / result.ratio <= 1.0 <= result.high ** 2 / result.ratio, result
+    # (a ~4-sigma band), widened by what the interval cannot see: two predictors of one program run at slightly
+    # different speeds for their whole life (memory placement). Timed against each other on a quiet host they read
+    # 1.006-1.035 over 12 pairs, and 1.020 (1.013-1.027) in CI, so the band allows 4%. A protocol bias (one side
+    # always timed first, one model timed twice) is larger than that.
+    bias = 1.04
+    assert result.low ** 2 / result.ratio / bias <= 1.0 <= result.high ** 2 / result.ratio * bias, result
 
 
 @pytest.mark.timing
