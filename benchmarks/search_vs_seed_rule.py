@@ -114,6 +114,12 @@ def read_study(overrides: list[str], slack: float) -> tuple[Comparison | None, P
     return comparison, Path(str(cfg.out_dir))
 
 
+def result_hmean(stdout: str) -> float:
+    """`hmean=` of a command's last stdout line (`key=value` pairs)."""
+    line = stdout.strip().splitlines()[-1]
+    return float(dict(pair.split("=", 1) for pair in line.split())["hmean"])
+
+
 def shifted_hmean(out_dir: Path, trial: int) -> float:
     """A trial's recovered weights scored on shifted_v1 (`python -m train.evaluate`), cached beside the study."""
     cache_path = out_dir / SHIFTED_CACHE
@@ -123,8 +129,7 @@ def shifted_hmean(out_dir: Path, trial: int) -> float:
         proc = subprocess.run([sys.executable, "-m", "train.evaluate", "data=shifted_v1", "progress=false",
                                f"model.plan={folder / 'plan.json'}", f"model.checkpoint={folder / 'finetuned.pdparams'}"],
                               cwd=REPO, capture_output=True, text=True, check=True)
-        line = proc.stdout.strip().splitlines()[-1]
-        cache[str(trial)] = float(dict(kv.split("=") for kv in line.split())["hmean"])
+        cache[str(trial)] = result_hmean(proc.stdout)
         cache_path.write_text(json.dumps(cache, indent=1))
     return cache[str(trial)]
 
@@ -160,8 +165,7 @@ def reevaluate(jobs: list[tuple[Path, optuna.trial.FrozenTrial]], seeds: int, fo
             stdout, _ = proc.communicate()
             if proc.returncode != 0:
                 sys.exit(f"error: recovery of plan {key} with seed {seed} failed (exit {proc.returncode})")
-            line = stdout.strip().splitlines()[-1]
-            known[f"{key}:{seed}"] = float(dict(kv.split("=", 1) for kv in line.split())["hmean"])
+            known[f"{key}:{seed}"] = result_hmean(stdout)
             path = out_dir / REEVAL_CACHE
             cached = json.loads(path.read_text()) if path.exists() else {}
             path.write_text(json.dumps({**cached, f"{key}:{seed}": known[f"{key}:{seed}"]}, indent=1))

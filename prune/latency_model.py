@@ -45,7 +45,7 @@ from scipy.optimize import nnls
 from prune.budget import plan_of_counts
 from prune.groups import ChannelGroup, discover_groups
 from prune.latency import LatencyRatio, interleaved_ratio, round_settings
-from prune.measure import hooked_forward
+from prune.measure import conv_macs, hooked_forward
 from prune.plan import apply_plan
 from train.cli import exit_on_user_error, print_result_line, print_warning, run_app
 from train.errors import ConfigError
@@ -76,15 +76,7 @@ def cost_features(model: nn.Layer, input_size: tuple[int, int]) -> dict[str, flo
     costs = dict.fromkeys(FEATURES, 0.0)
 
     def hook(layer: nn.Layer, inputs: tuple, output: paddle.Tensor) -> None:
-        kind = conv_kind(layer)
-        if kind is None:
-            return
-        kernel = int(np.prod(layer.weight.shape[2:]))
-        if kind == "transposed":  # per input pixel: weight [C_in, C_out/groups, k, k]
-            macs = int(np.prod(inputs[0].shape)) * layer.weight.shape[1] * kernel
-        else:  # per output pixel: weight [C_out, C_in/groups, k, k]
-            macs = int(np.prod(output.shape)) * layer.weight.shape[1] * kernel
-        costs[kind] += macs
+        costs[conv_kind(layer)] += conv_macs(layer, inputs, output)
         costs["conv_output"] += int(np.prod(output.shape))
 
     hooked_forward(model, input_size, hook, layers=lambda layer: conv_kind(layer) is not None)
@@ -218,6 +210,7 @@ def measure_plans(model: nn.Layer, model_name: str, groups: Sequence[ChannelGrou
                   progress: Callable[[int, MeasuredPlan], None] | None = None) -> list[MeasuredPlan]:
     """``count`` random plans of ``model``, each timed against it (interleaved rounds) with its features."""
     widths = _prunable_widths(groups, model_spec(model_name).stem, key.align)
+    channels = {g.name: g.channels for g in groups if g.prunable}
     measured = []
     with tempfile.TemporaryDirectory(prefix="latency-model-") as tmp:
         reference_dir, candidate_dir = Path(tmp) / "reference", Path(tmp) / "candidate"
@@ -226,8 +219,7 @@ def measure_plans(model: nn.Layer, model_name: str, groups: Sequence[ChannelGrou
             kept = random_counts(widths, key.align, rng)
             if not kept:
                 continue
-            plan = plan_of_counts(model_name, kept, {g.name: g.channels for g in groups if g.prunable}, key.align,
-                                  key.input_size)
+            plan = plan_of_counts(model_name, kept, channels, key.align, key.input_size)
             pruned = apply_plan(copy.deepcopy(model), plan, list(groups))
             features = relative_features(cost_features(pruned, key.input_size), reference)
             export_inference(pruned, candidate_dir)

@@ -118,12 +118,22 @@ def _bias_ops(layer: nn.Layer, output: paddle.Tensor) -> int:
     return _numel(output) if layer.bias is not None else 0
 
 
+def conv_macs(layer: nn.Layer, inputs: tuple, output: paddle.Tensor) -> int | None:
+    """Multiply-accumulates of one call of a (transposed) conv, biases not counted; None for other layers.
+
+    A conv's are counted per output value, a transposed conv's per input value (see module docstring)."""
+    if isinstance(layer, _TRANSPOSED_CONVS):  # weight [C_in, C_out / groups, k...]
+        return _numel(inputs[0]) * layer.weight.shape[1] * _kernel_numel(layer)
+    if isinstance(layer, _CONVS):  # weight [C_out, C_in / groups, k...]
+        return _numel(output) * layer.weight.shape[1] * _kernel_numel(layer)
+    return None
+
+
 def _layer_flops(layer: nn.Layer, inputs: tuple, output: paddle.Tensor) -> int | None:
     """FLOPs of one call of ``layer`` (see module docstring); None for a layer type without a rule."""
-    if isinstance(layer, _TRANSPOSED_CONVS):
-        return _numel(inputs[0]) * layer.weight.shape[1] * _kernel_numel(layer) + _bias_ops(layer, output)
-    if isinstance(layer, _CONVS):
-        return _numel(output) * layer.weight.shape[1] * _kernel_numel(layer) + _bias_ops(layer, output)
+    macs = conv_macs(layer, inputs, output)
+    if macs is not None:
+        return macs + _bias_ops(layer, output)
     if isinstance(layer, _BATCH_NORMS):
         return 2 * _numel(inputs[0])
     if isinstance(layer, _AVG_POOLS):

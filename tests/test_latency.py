@@ -44,9 +44,9 @@ def test_a_model_against_itself_is_one_within_its_interval():
     assert result.low <= result.ratio <= result.high
     # The nominal 95% interval would miss 1.0 in 1 run of 20 by chance alone: the test allows twice its width
     # (a ~4-sigma band), widened by what the interval cannot see: two predictors of one program run at slightly
-    # different speeds for their whole life (memory placement). Timed against each other they read 0.994-1.035 (8
-    # pairs, 16 timings, half of them beside a busy process), and 1.020 (1.013-1.027) in CI, so the band allows 4%. A protocol bias (one side
-    # always timed first, one model timed twice) is larger than that.
+    # different speeds for their whole life (memory placement). Timed against each other they read 0.994-1.035
+    # (8 pairs, 16 timings, half of them beside a busy process), and 1.020 (1.013-1.027) in CI, so the band allows
+    # 4%. A protocol bias (one side always timed first, one model timed twice) is larger than that.
     bias = 1.04
     assert result.low ** 2 / result.ratio / bias <= 1.0 <= result.high ** 2 / result.ratio * bias, result
 

@@ -298,8 +298,9 @@ def compute_sensitivity(
     """
     groups = discover_groups(model) if groups is None else groups
     prunable = [g for g in groups if g.prunable]
-    table = open_table(cache_file, key, {g.name: g.channels for g in prunable}) if helper is None else \
-        SensitivityTable(key=key, base=math.nan, channels={g.name: g.channels for g in prunable})
+    channels = {g.name: g.channels for g in prunable}
+    table = open_table(cache_file, key, channels) if helper is None else \
+        SensitivityTable(key=key, base=math.nan, channels=channels)
     own_file = cache_file if helper is None else shard_file(cache_file, helper)
     others = (lambda: _shards(cache_file)) if helper is None else \
         (lambda: [cache_file, *(path for path in _shards(cache_file) if path != own_file)])
