@@ -40,8 +40,8 @@ from prune.plan import PruningPlan, load_pruned, weights_hash
 from search.app import tracker_for
 from search.attributes import (EXPORT_PREFIX, STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID,
                                Metric)
-from search.objective import (PLAN_FILE, WEIGHTS_FILE, guard_candidate, load_trial_data, measure_against_unpruned,
-                              recover_candidate)
+from search.objective import (PLAN_FILE, WEIGHTS_FILE, evaluated_images, guard_candidate, load_trial_data,
+                              measure_against_unpruned, recover_candidate)
 from search.study import load_study, make_storage, storage_file
 from search.tracking import RunLogger, Tracker
 from train.cli import exit_on_user_error, print_result_line, run_app
@@ -49,7 +49,8 @@ from train.data.dataset import DetDataset
 from train.deploy_config import DeployConfig
 from train.errors import ConfigError, UserError
 from train.evaluation import evaluate_detector
-from train.inference import InferenceSession, dygraph_threads, export_inference, exported_programs, single_threaded
+from train.inference import (InferenceSession, dygraph_threads, export_inference, exported_programs, fast_forward,
+                             single_threaded)
 from train.metric import DetScores
 from train.models.zoo import model_spec
 from train.onnx import ONNX_FILE, OnnxSession, convert_to_onnx
@@ -349,9 +350,10 @@ def main(cfg: DictConfig) -> None:
         with dygraph_threads(cfg.export.finetune.threads):
             recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings,
                               cfg.progress, unlabeled=data.unlabeled, checkpoint_prefix=resume / "last")
-    scores: DetScores = evaluate_detector(model, data.eval_set, data.postprocess, cfg.data.eval.max_images,
+    forwards = fast_forward(model, evaluated_images(cfg, data))
+    scores: DetScores = evaluate_detector(forwards, data.eval_set, data.postprocess, cfg.data.eval.max_images,
                                           progress=cfg.progress)
-    guard = guard_candidate(cfg, model, teacher, data)
+    guard = guard_candidate(cfg, forwards, teacher, data)
     target, diff, deployed_diff, onnx_diff = _write_export(model, plan, cfg, target,
                                                            parity_images(data.eval_set, cfg.export.parity.images))
     measured, latency = measure_against_unpruned(model, teacher, cfg)

@@ -21,7 +21,8 @@ from paddle.base.proto import framework_pb2
 from conftest import run_cli
 from prune.measure import (Measurement, count_flops, count_params, layer_flops, measure, measure_against,
                            measure_latency)
-from train.inference import (PARAMS_FILE, PIR_MODEL_FILE, InferenceSession, export_inference, exported_size,
+from train.inference import (COMPILE_MIN_FORWARDS, PARAMS_FILE, PIR_MODEL_FILE, ExportedDetector, InferenceSession,
+                             current_threads, dygraph_threads, export_inference, exported_size, fast_forward,
                              inference_form)
 from train.errors import ConfigError
 from train.models import zoo
@@ -215,6 +216,27 @@ def test_predictor_with_onednn_equals_dygraph_and_times_it(name: str, side: int,
 
     latency = measure_latency(tmp_path, (side, side), threads=2, warmup=1, runs=3)
     assert math.isfinite(latency) and latency > 0
+
+
+def test_fast_forward_on_cpu_is_the_compiled_program_and_predicts_like_dygraph(ppocrv4: nn.Layer):
+    """Evaluation's forwards on CPU: the model's program (what an export runs) on the threads dygraph has here,
+    with dygraph's maps up to float rounding, once there are enough forwards to pay for the compile; anything
+    already compiled is passed through."""
+    with dygraph_threads(1):
+        assert current_threads() == 1
+        with dygraph_threads(3):
+            assert current_threads() == 3
+        assert current_threads() == 1
+        compiled = fast_forward(ppocrv4, COMPILE_MIN_FORWARDS)
+    assert isinstance(compiled, ExportedDetector) and fast_forward(compiled, 100) is compiled
+    assert fast_forward(ppocrv4, COMPILE_MIN_FORWARDS - 1) is ppocrv4  # too few forwards to pay for compiling
+    batch = np.random.default_rng(5).uniform(-1, 1, (2, 3, 96, 160)).astype(np.float32)
+    with paddle.no_grad():
+        expected = ppocrv4(paddle.to_tensor(batch))["maps"].numpy()
+    actual = compiled.eval()(paddle.to_tensor(batch))["maps"].numpy()
+    assert actual.shape == expected.shape == (2, 1, 96, 160)
+    assert float(np.abs(actual - expected).max()) <= PREDICTOR_TOL
+    assert len(compiled.session.run(batch)) == 1  # a detector's program has one output, the maps
 
 
 def test_measure_leaves_model_as_it_was_and_round_trips(ppocrv4: nn.Layer):

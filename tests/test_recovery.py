@@ -95,6 +95,34 @@ def test_distillation_is_zero_for_an_identical_student_and_its_gradient_flows():
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
+def test_teacher_program_computes_the_dygraph_teachers_targets(name: str):
+    """On CPU the teacher's targets come from its compiled program: every target equal to dygraph's up to float
+    rounding (oneDNN sums in another order; 1e-4 of each target's scale, the predictor bound of test_measure), so
+    the loss terms are the same, and an identical student is still 0."""
+    teacher = perturbed(name)
+    images = _images(shape=(2, 3, 96, 64))
+    student = copy.deepcopy(teacher)
+    student.eval()
+    program = DistillationLoss(student, teacher, feature_weight=1.0, backbone_weight=1.0)
+    dygraph = DistillationLoss(copy.deepcopy(teacher), teacher, feature_weight=1.0, backbone_weight=1.0,
+                               teacher_program=False)
+    assert program.teacher_program and not dygraph.teacher_program  # on CPU the program is the default
+    fast, slow = program.teacher_outputs(images), dygraph.teacher_outputs(images)
+    pairs = [*zip(fast.backbone, slow.backbone, strict=True), (fast.neck, slow.neck), (fast.shrink, slow.shrink)]
+    assert len(pairs) == len(list(teacher.backbone.out_channels)) + 2
+    for got, expected in pairs:
+        assert got.shape == expected.shape and got.stop_gradient
+        scale = max(1.0, float(expected.abs().max()))
+        assert float((got - expected).abs().max()) <= 1e-4 * scale
+    terms = program(student(images), {"image": images})
+    assert float(terms["loss_map"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(terms["loss_feature"]) == pytest.approx(0.0, abs=1e-8)
+    assert float(terms["loss_backbone"]) == pytest.approx(0.0, abs=1e-8)
+    program.close()
+    dygraph.close()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_zoo_model_names_where_its_features_enter(name: str):
     model = build_detector(name)
     spec = model_spec(name)

@@ -18,7 +18,7 @@ from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.source import build_dataset, resolve_data
 from train.errors import ConfigError
 from train.evaluation import evaluate_detector
-from train.inference import ExportedDetector
+from train.inference import ExportedDetector, fast_forward
 from train.postprocess import DBPostProcess
 from train.runtime import set_device
 from train.weights import detector_from_config
@@ -32,7 +32,7 @@ def _model(cfg: DictConfig):
             raise ConfigError("export_dir and model.plan: score one model, an export folder or a plan with weights")
         if not Path(cfg.export_dir).is_dir():
             raise ConfigError(f"export_dir={cfg.export_dir}: not a folder")
-        return ExportedDetector(cfg.export_dir, threads=cfg.threads, use_mkldnn=cfg.use_mkldnn)
+        return ExportedDetector.load(cfg.export_dir, threads=cfg.threads, use_mkldnn=cfg.use_mkldnn)
     if plan is None:
         return detector_from_config(cfg.model)
     from prune.plan import PruningPlan, load_pruned  # the one command of `train` that replays a pruning plan
@@ -52,8 +52,10 @@ def main(cfg: DictConfig) -> None:
     source = resolve_data(cfg.data, progress=cfg.progress)
     dataset = build_dataset(cfg.data, source, "eval")
     model = _model(cfg)
-    scores = evaluate_detector(model, dataset, DBPostProcess(**cfg.postprocess), cfg.data.eval.max_images,
-                               progress=cfg.progress)
+    limit = cfg.data.eval.max_images
+    images = len(dataset) if limit is None else min(limit, len(dataset))
+    scores = evaluate_detector(fast_forward(model, images, cfg.threads), dataset, DBPostProcess(**cfg.postprocess),
+                               cfg.data.eval.max_images, progress=cfg.progress)
     print_result_line(f"hmean={scores.hmean:.6f} precision={scores.precision:.6f} recall={scores.recall:.6f} "
                       f"images={scores.images}")
 

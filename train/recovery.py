@@ -18,6 +18,7 @@ from train.data.dataset import DetDataset, endless_batches, mixed_batches
 from train.data.transforms import build_train_transform
 from train.data.unlabeled import unlabeled_train_set
 from train.errors import ConfigError
+from train.inference import InferenceSession, compile_program, on_cpu, worth_compiling
 from train.loss import DBLoss
 from train.models.db_head import THRESH_INITS
 from train.models.pplcnet_v3 import LearnableRepLayer
@@ -54,7 +55,8 @@ class RecoverySettings:
     ``calibration_batches``: train batches the training form's BN statistics are measured on.
     ``unlabeled_share``: the fraction of every batch taken from the unlabelled pool when one is given (distillation
     only: the teacher's near-zero map on text-free images is what stops the student firing there). ``seed`` seeds
-    the crops' augmentation (the shuffle follows the global generators).
+    the crops' augmentation (the shuffle follows the global generators). ``teacher_program``: the teacher's targets
+    from its compiled program (``DistillationLoss``; None: on CPU for ``COMPILE_MIN_FORWARDS`` steps or more).
     """
 
     steps: int = 120
@@ -79,6 +81,7 @@ class RecoverySettings:
     save_every: int = 0
     num_workers: int = 0
     seed: int = 0
+    teacher_program: bool | None = None
 
     def __post_init__(self) -> None:
         if self.map_loss not in MAP_LOSSES:
@@ -152,6 +155,25 @@ class TeacherOutputs:
     neck: paddle.Tensor
     shrink: paddle.Tensor
 
+    @classmethod
+    def of(cls, outputs: Sequence[paddle.Tensor]) -> TeacherOutputs:
+        """From ``TeacherTargets``' flat output list."""
+        return cls(backbone=list(outputs[:-2]), neck=outputs[-2], shrink=outputs[-1])
+
+
+class TeacherTargets(paddle.nn.Layer):
+    """A detector's distillation targets as one forward, ``[*backbone outputs, neck output, probability map]``: a
+    layer, so that the frozen teacher compiles to one program (``train.inference.compile_program``)."""
+
+    def __init__(self, teacher: paddle.nn.Layer) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, images: paddle.Tensor) -> list[paddle.Tensor]:
+        backbone = list(self.teacher.backbone(images))
+        neck = self.teacher.neck(backbone)
+        return [*backbone, neck, self.teacher.head.binarize(neck)]
+
 
 class DistillationLoss:
     """``loss_fn`` for ``train.trainer.finetune``: student vs. a frozen teacher on the same images.
@@ -164,6 +186,11 @@ class DistillationLoss:
     the batch's label maps. The student's features are captured with forward hooks (``close()`` removes them),
     so the model's own forward and state_dict keys are untouched.
 
+    ``teacher_program`` (default: on CPU) computes the teacher's targets with its compiled Paddle Inference
+    program instead of dygraph: the same function up to float rounding (relative 1e-6 on PP-OCRv4), a third of
+    the CPU time of a recovery step (PP-OCRv4, 384 px x 2, one thread: 0.07 s against 0.34 s of 1.17 s). The
+    teacher is frozen: it is compiled once, at the first batch.
+
     Why the backbone too: the map and the neck output constrain the student only through the head's narrow view;
     pulling every stage's output back to the teacher's fixes the pruned backbone's features themselves, which is
     what carries over to images recovery never showed (README "Generalization").
@@ -173,7 +200,8 @@ class DistillationLoss:
                  map_loss: str = "dice", feature_weight: float = 0.0,
                  feature_channels: Sequence[int] | None = None, label_weight: float = 0.0,
                  db_loss: DBLoss | None = None, backbone_weight: float = 0.0,
-                 backbone_channels: Sequence[Sequence[int]] | None = None) -> None:
+                 backbone_channels: Sequence[Sequence[int]] | None = None,
+                 teacher_program: bool | None = None) -> None:
         if map_loss not in MAP_LOSSES:
             raise ConfigError(f"map_loss={map_loss!r}: expected one of {list(MAP_LOSSES)}")
         self.teacher = teacher
@@ -187,6 +215,9 @@ class DistillationLoss:
         self.backbone_channels = (None if backbone_channels is None
                                   else [_index(channels) for channels in backbone_channels])
         self._student: dict[str, paddle.Tensor | list[paddle.Tensor]] = {}
+        self._targets = TeacherTargets(teacher)
+        self.teacher_program = on_cpu() if teacher_program is None else teacher_program
+        self._program: InferenceSession | None = None
         self._hooks = []
         if feature_weight:
             self._hooks.append(student.neck.register_forward_post_hook(self._keeper("neck")))
@@ -206,12 +237,13 @@ class DistillationLoss:
 
     def teacher_outputs(self, images: paddle.Tensor) -> TeacherOutputs:
         """The teacher's backbone outputs, neck output and probability map for ``images`` (eval, no gradients)."""
-        self.teacher.eval()
+        if self.teacher_program:
+            if self._program is None:
+                self._program = compile_program(self._targets)
+            return TeacherOutputs.of([paddle.to_tensor(a) for a in self._program.run(images.numpy())])
+        self._targets.eval()
         with paddle.no_grad():
-            backbone = list(self.teacher.backbone(images))
-            neck = self.teacher.neck(backbone)
-            shrink = self.teacher.head.binarize(neck)
-        return TeacherOutputs(backbone=backbone, neck=neck, shrink=shrink)
+            return TeacherOutputs.of(self._targets(images))
 
     def __call__(self, predicts: Mapping[str, paddle.Tensor], batch: Batch) -> dict[str, paddle.Tensor]:
         maps = predicts["maps"]
@@ -302,7 +334,9 @@ def recover(
     loss = DistillationLoss(student, teacher, map_weight=settings.map_weight, map_loss=settings.map_loss,
                             feature_weight=settings.feature_weight, feature_channels=feature_channels,
                             label_weight=settings.label_weight, backbone_weight=settings.backbone_weight,
-                            backbone_channels=backbone_channels)
+                            backbone_channels=backbone_channels,
+                            teacher_program=(worth_compiling(settings.steps) if settings.teacher_program is None
+                                             else settings.teacher_program))
     batches: Iterator[Batch] = recovery_batches(dataset, settings, unlabeled)
     try:
         result = finetune(student, batches, loss, settings.trainer_settings(), checkpoint_prefix=checkpoint_prefix,
