@@ -45,6 +45,7 @@ from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
 import train.data.source  # noqa: F401  (registers the data generator schema the configs use)
+from search.attributes import TRIAL_REEVAL_OF
 from search.study import make_storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,9 @@ def read_study(overrides: list[str], slack: float) -> tuple[Comparison | None, P
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("search", overrides=overrides)
     study = optuna.load_study(study_name=cfg.search.study_name, storage=make_storage(cfg.storage))
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    # One seed per plan here (the study's re-evaluations are other seeds of its best plans; --seeds runs its own).
+    complete = [t for t in study.get_trials(deepcopy=False)
+                if t.state == TrialState.COMPLETE and t.user_attrs.get(TRIAL_REEVAL_OF) is None]
     seeds = sorted((t for t in complete if t.user_attrs.get("baseline") == "seed_rule"),
                    key=lambda t: t.user_attrs["target_reduction"])
     searched = [t for t in complete if not t.user_attrs.get("baseline")]

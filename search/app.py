@@ -151,12 +151,16 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
     space = SearchSpace.from_json(study.user_attrs[STUDY_SPACE])
     reference = Measurement.from_json(study.user_attrs[STUDY_REFERENCE])
     cost_metric = next(o.metric for o in objectives(list(cfg.search.objectives)) if o.metric != Metric.HMEAN)
-    # Baselines are always fine-tuned: they are what the study must beat.
-    front = None if spec.baseline else screening_points(study, cost_metric)
+    # Baselines are always fine-tuned: they are what the study must beat; a re-evaluation's plan passed already.
+    front = None if spec.baseline or spec.reeval_of is not None else screening_points(study, cost_metric)
+    if spec.recovery_seed is not None:  # this job's own config (Hydra composes one per job)
+        cfg.finetune.seed = spec.recovery_seed
 
     tags = {"trial": spec.number, "study": cfg.search.study_name}
     if spec.baseline:
         tags["baseline"] = spec.baseline
+    if spec.reeval_of is not None:
+        tags.update(reeval_of=spec.reeval_of, recovery_seed=spec.recovery_seed)
     tracker = tracker_for(cfg)
     run = tracker.start_run(f"trial-{spec.number}", parent_run_id=cfg.tracking.parent_run_id, tags=tags)
     # At once: if this worker is killed from here on, the worker that fails the stale trial ends this run KILLED.
@@ -174,7 +178,8 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
                               cost_metric=cost_metric)
     finally:
         release_freed_memory()
-    run.rename(run_title(spec.number, result))
+    title = run_title(spec.number, result)
+    run.rename(title if spec.reeval_of is None else f"{title} seed {spec.recovery_seed} of trial {spec.reeval_of}")
     # A launcher's job can outlive its worker (a SLURM job after the sweeper's host was lost): once another worker
     # gave the trial up as stale, its run must not stay FINISHED beside a failed trial.
     trial = study.get_trials(deepcopy=False)[spec.number]

@@ -47,8 +47,9 @@ OBJECTIVES: dict[str, Objective] = {
 # screening, selection, tracking) may change between invocations.
 FROZEN_SECTIONS = ("model", "data", "postprocess", "prune", "sensitivity", "finetune", "measure")
 FROZEN_SEARCH_KEYS = ("objectives", "targets", "space", "warm_start")
-# Where a cache lives does not change its content (it is keyed by content), and it follows $OCRDET_CACHE_DIR.
-_UNFROZEN_LEAVES = ("cache_dir", "pool_cache_dir")
+# Where a cache lives does not change its content (it is keyed by content), and it follows $OCRDET_CACHE_DIR; the
+# teacher's engine computes the same targets up to float rounding.
+_UNFROZEN_LEAVES = ("cache_dir", "pool_cache_dir", "teacher_program")
 
 
 def objectives(names: list[str]) -> list[Objective]:
@@ -116,6 +117,9 @@ def check_search_config(cfg: DictConfig) -> None:
     if screening.bn_batches < 0 or screening.max_images < 1:
         raise ConfigError(f"search.screening: bn_batches={screening.bn_batches} must be >= 0 and "
                           f"max_images={screening.max_images} >= 1")
+    for key in ("top", "seeds"):
+        if search.reeval[key] < 0:
+            raise ConfigError(f"search.reeval.{key}={search.reeval[key]}: must be >= 0")
     for key in ("max_flops_ratio", "max_latency_ratio", "min_hmean"):
         _positive_or_null(search.constraints, "constraints", key)
     for key in ("max_flops_ratio", "max_latency_ratio"):

@@ -38,6 +38,9 @@ class TrialRecord:
     feasible: bool = True
     agreement: float = math.nan     # generalization guard: hmean against the teacher's boxes on held-out images
     false_boxes: float = math.nan   # generalization guard: boxes per image where the teacher finds no text
+    seeds: int = 1                  # recovery seeds the accuracy figures are the mean of (search.reeval)
+    hmean_sd: float = math.nan      # their hmean's standard deviation (two or more seeds)
+    reeval_of: int | None = None    # a re-evaluation of that trial's plan: one of its seeds, never on the front
 
     @property
     def flops_reduction(self) -> float:
@@ -60,8 +63,9 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def pareto_front(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> list[TrialRecord]:
-    """The feasible records no other feasible record dominates, by trial number (as Optuna's `best_trials`)."""
-    feasible = [r for r in records if r.feasible]
+    """The feasible records no other feasible record dominates, by trial number (as Optuna's `best_trials`);
+    re-evaluations are seeds of their trial's record, not points of their own."""
+    feasible = [r for r in records if r.feasible and r.reeval_of is None]
     values = {r.number: _oriented(r, objectives) for r in feasible}
     return sorted((r for r in feasible if not any(dominates(values[o.number], values[r.number]) for o in feasible)),
                   key=lambda r: r.number)
@@ -116,8 +120,9 @@ def dominated_with_margin(hmean: float, cost: float, others: Sequence[tuple[floa
     return any(other_cost <= cost and other_hmean >= hmean + margin for other_hmean, other_cost in others)
 
 
-_COLUMNS = ("trial", "hmean", "precision", "recall", "agreement", "false_boxes", "flops_ratio", "flops_reduction",
-            "latency_ratio", "speedup", "params", "baseline", "target_reduction", "feasible", "run_id")
+_COLUMNS = ("trial", "hmean", "hmean_sd", "seeds", "precision", "recall", "agreement", "false_boxes", "flops_ratio",
+            "flops_reduction", "latency_ratio", "speedup", "params", "baseline", "target_reduction", "reeval_of",
+            "feasible", "run_id")
 
 
 def _row(record: TrialRecord) -> list[str]:
@@ -142,13 +147,15 @@ def write_csv(records: Sequence[TrialRecord], path: Path) -> Path:
 
 def format_front(front: Sequence[TrialRecord], chosen: int | None) -> str:
     """The Pareto table as aligned text, fewest FLOPs first."""
-    lines = [f"{'trial':>5}  {'hmean':>6}  {'agree':>6}  {'false/img':>9}  {'FLOPs red.':>10}  {'speed-up':>8}  "
-             f"{'plan':<18}  mlflow run"]
+    lines = [f"{'trial':>5}  {'hmean':>6}  {'± sd':>6}  {'seeds':>5}  {'agree':>6}  {'false/img':>9}  "
+             f"{'FLOPs red.':>10}  {'speed-up':>8}  {'plan':<18}  mlflow run"]
     for r in sorted(front, key=lambda r: r.flops_ratio):
         base = (r.baseline or "searched") + (f" {r.target_reduction:.0%}" if r.target_reduction is not None else "")
         mark = "  <- chosen" if r.number == chosen else ""
-        lines.append(f"{r.number:>5}  {r.hmean:>6.4f}  {r.agreement:>6.4f}  {r.false_boxes:>9.2f}  "
-                     f"{r.flops_reduction:>10.1%}  {r.speedup:>7.2f}x  {base:<18}  {r.run_id}{mark}")
+        spread = f"{r.hmean_sd:>6.4f}" if r.seeds > 1 else f"{'':>6}"
+        lines.append(f"{r.number:>5}  {r.hmean:>6.4f}  {spread}  {r.seeds:>5}  {r.agreement:>6.4f}  "
+                     f"{r.false_boxes:>9.2f}  {r.flops_reduction:>10.1%}  {r.speedup:>7.2f}x  {base:<18}  "
+                     f"{r.run_id}{mark}")
     return "\n".join(lines)
 
 
@@ -157,12 +164,22 @@ def plot_front(records: Sequence[TrialRecord], front: Sequence[TrialRecord], cho
     """hmean against cost ratio: every complete trial, the front as a line, baselines and the chosen trial marked.
 
     `screened`: (screening hmean, cost ratio) of screened-out candidates, drawn faintly (they were not fine-tuned).
+    A re-evaluated plan is drawn at its mean with a ±sd bar, its single seeds as small rings.
     """
     fig, ax = plt.subplots(figsize=(7.0, 4.8))
     if screened:
         ax.scatter([c for _, c in screened], [h for h, _ in screened], marker="x", color="0.75", s=22,
                    label="screened out (before fine-tune)")
-    ax.scatter([getattr(r, cost) for r in records], [r.hmean for r in records], color="0.45", s=18, label="trials")
+    seeds = [r for r in records if r.reeval_of is not None]
+    records = [r for r in records if r.reeval_of is None]
+    if seeds:
+        ax.scatter([getattr(r, cost) for r in seeds], [r.hmean for r in seeds], marker="o", facecolor="none",
+                   edgecolor="0.6", s=14, label="other recovery seeds")
+    for r in records:
+        if r.seeds > 1:
+            ax.errorbar(getattr(r, cost), r.hmean, yerr=r.hmean_sd, color="0.45", capsize=3, lw=1)
+    ax.scatter([getattr(r, cost) for r in records], [r.hmean for r in records], color="0.45", s=18,
+               label="trials (mean over seeds)" if seeds else "trials")
     ordered = sorted(front, key=lambda r: getattr(r, cost))
     ax.plot([getattr(r, cost) for r in ordered], [r.hmean for r in ordered], "-o", color="tab:orange", ms=5,
             label="Pareto front")

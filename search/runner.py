@@ -25,18 +25,19 @@ from prune.budget import FlopsOfCounts
 from prune.groups import discover_groups
 from prune.sensitivity.report import plot_curves, write_csv
 from search.app import TrialFailed, TrialOutcome, tracker_for
-from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, FINISHED, STALE_REASON,
-                               STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE, STUDY_SETTINGS,
-                               STUDY_SPACE, TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_PROJECTED_FLOPS,
-                               TRIAL_RATIOS, TRIAL_RUN_ID, TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_TARGET,
-                               TRIAL_WORKER, Metric)
+from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, DUPLICATE_REEVAL_REASON,
+                               FINISHED, STALE_REASON, STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE,
+                               STUDY_SETTINGS, STUDY_SPACE, TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT,
+                               TRIAL_PROJECTED_FLOPS, TRIAL_RATIOS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, TRIAL_RUN_ID,
+                               TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_TARGET, TRIAL_WORKER, Metric)
 from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, mask_url, objectives,
                            study_constraints, task_config)
 from search.heartbeat import Heartbeat, Liveness, worker_id
 from search.objective import load_trial_data, study_datasets
-from search.pareto import Selection, format_front, pareto_front, plot_front, select
+from search.pareto import Selection, TrialRecord, format_front, pareto_front, plot_front, select
 from search.pareto import write_csv as write_records
 from search.prior import Prior, always_skip_groups, build_prior, check_always_skip, help_scan
+from search.reeval import ReevalJob, claimed_jobs, plan_jobs, planned_jobs, store_jobs, taken_earlier
 from search.sampling import TrialSeededSampler, make_sampler, warm_start_trials
 from search.space import Candidate, SearchSpace, suggest
 from search.study import (Budget, claim_creation, count_finished, enqueue_warm_start, fail_stale_trials, give_up,
@@ -247,22 +248,27 @@ class StudyRunner:
                 while True:
                     self._fail_stale()
                     budget = Budget.of(self.study)
-                    if budget.finished >= n_trials:
-                        log.info("study %r has %d finished trials (budget %d)", self.name, budget.finished, n_trials)
+                    reeval = self._open_reeval_jobs() if budget.finished >= n_trials else []
+                    if reeval is None:
+                        log.info("study %r has %d finished trials (budget %d) and its re-evaluations", self.name,
+                                 budget.finished, n_trials)
                         return
                     if self.failures >= max_failures:
                         log.error("stopping: %d trials failed in this run (search.max_failures=%d); %d of %d "
                                   "finished", self.failures, max_failures, budget.finished, n_trials)
                         return
-                    room = n_trials - budget.finished - budget.running
+                    room = len(reeval) if budget.finished >= n_trials else n_trials - budget.finished - budget.running
                     if room <= 0:
                         if budget != waited:
-                            log.info("waiting for %d running trial(s) of other workers (%d of %d finished)",
-                                     budget.running, budget.finished, n_trials)
+                            log.info("waiting for the running trial(s) of other workers (%d of %d finished)",
+                                     budget.finished, n_trials)
                             waited = budget
                         time.sleep(self.liveness.interval)
                         continue
-                    self._ask(min(batch_size, room))
+                    if reeval:
+                        self._ask_reeval(reeval[:batch_size])
+                    else:
+                        self._ask(min(batch_size, room))
                     if not self.pending:
                         continue
                     overrides = [[f"trial.number={t.number}", f"tracking.parent_run_id={self.parent.run_id}"]
@@ -321,6 +327,43 @@ class StudyRunner:
             if candidate.target is not None:
                 trial.set_user_attr(TRIAL_TARGET, candidate.target)
                 trial.set_user_attr(TRIAL_PROJECTED_FLOPS, candidate.flops_ratio)
+
+    def _open_reeval_jobs(self) -> list[ReevalJob] | None:
+        """The budget is met: the re-evaluation jobs no trial holds (planned here if no worker did yet); None when
+        every job has finished (or there are none)."""
+        n_trials, reeval, limits = self.cfg.search.n_trials, self.cfg.search.reeval, self.cfg.search.select
+        jobs = planned_jobs(self.study, n_trials)
+        if jobs is None:
+            records = trial_records(self.study, study_constraints(self.cfg))
+            planned = plan_jobs(records, reeval.top, reeval.seeds, int(self.cfg.finetune.seed),
+                                limits.max_flops_ratio, limits.max_latency_ratio)
+            jobs = store_jobs(self.study, n_trials, planned)
+            if planned:
+                log.info("re-evaluating trial(s) %s with %d more recovery seed(s) each before choosing",
+                         ", ".join(str(n) for n in sorted({j.trial for j in planned})), reeval.seeds)
+        held = claimed_jobs(self.study)
+        if all(held.get(job) in FINISHED for job in jobs):
+            return None
+        return [job for job in jobs if job not in held]
+
+    def _ask_reeval(self, jobs: Sequence[ReevalJob]) -> None:
+        """Ask one trial per job into `self.pending`, with the original trial's plan and the job's recovery seed. A
+        job another worker asked at the same moment stays with the lower-numbered trial; this one is given back."""
+        trials = self.study.get_trials(deepcopy=False)
+        for job in jobs:
+            trial = self.study.ask()
+            trial.set_user_attr(TRIAL_WORKER, self.worker)
+            trial.set_user_attr(TRIAL_HEARTBEAT, time.time())
+            trial.set_user_attr(TRIAL_REEVAL_OF, job.trial)
+            trial.set_user_attr(TRIAL_RECOVERY_SEED, job.seed)
+            if taken_earlier(self.study, trial.number, job):
+                give_up(self.study, trial.number, DUPLICATE_REEVAL_REASON)
+                continue
+            original = trials[job.trial].user_attrs
+            for key in (TRIAL_RATIOS, TRIAL_SKIP_SET, TRIAL_TARGET, TRIAL_PROJECTED_FLOPS):
+                if key in original:
+                    trial.set_user_attr(key, original[key])
+            self.pending.append(trial)
 
     def _flops_ratio(self) -> FlopsOfCounts | None:
         """The FLOPs ratio of channel counts, for projecting candidates (a projected space only; built once)."""
@@ -394,7 +437,7 @@ class StudyRunner:
             raise ConfigError(f"no complete trial of study {self.name!r} meets search.constraints and "
                               f"search.select.min_agreement: {study_constraints(cfg)}")
         chosen = select(front, self.objectives, cfg.search.select.max_flops_ratio, cfg.search.select.max_latency_ratio)
-        self._tag_runs({r.number for r in front}, chosen.record.number)
+        self._tag_runs({r.number for r in front}, chosen.record.number, records)
         self.study.set_user_attr(STUDY_CHOSEN, chosen.record.number)
 
         cost = next(o.metric for o in self.objectives if o.metric != Metric.HMEAN)
@@ -405,15 +448,17 @@ class StudyRunner:
             self.parent.log_artifact(path)
         self.parent.set_tags({"chosen_trial": chosen.record.number, "chosen_run_id": chosen.record.run_id,
                               "n_finished": count_finished(self.study)})
+        plans = sum(r.reeval_of is None for r in records)
         self.parent.describe(
             f"Chosen: **trial {chosen.record.number}** ({chosen.reason}). Pareto front "
-            f"({len(front)} of {len(records)} complete trials): artifacts `pareto.png`, `pareto.csv`; every trial: "
-            f"`trials.csv`. The trials are this run's nested runs, named `trial-<n> h=<hmean> f=<FLOPs ratio> "
-            f"a=<teacher agreement>`; tags `pareto` and `chosen` mark the front.\n\n```\n"
+            f"({len(front)} of {plans} complete trials; hmean of a re-evaluated plan: the mean over its recovery "
+            f"seeds): artifacts `pareto.png`, `pareto.csv`; every trial: `trials.csv`. The trials are this run's "
+            f"nested runs, named `trial-<n> h=<hmean> f=<FLOPs ratio> a=<teacher agreement>` (a re-evaluation: "
+            f"`... seed <s> of trial <n>`); tags `pareto` and `chosen` mark the front.\n\n```\n"
             f"{format_front(front, chosen.record.number)}\n```")
         self.parent.end("FINISHED")
 
-        print(f"Pareto front of study {self.name!r} ({len(front)} of {len(records)} complete trials):")
+        print(f"Pareto front of study {self.name!r} ({len(front)} of {plans} complete trials):")
         print(format_front(front, chosen.record.number))
         print(f"chosen: trial {chosen.record.number} ({chosen.reason}); files in {self.out_dir}")
         r = chosen.record
@@ -428,10 +473,15 @@ class StudyRunner:
                 for t in self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
                 if t.user_attrs.get(TRIAL_SCREENED_OUT)]
 
-    def _tag_runs(self, front: set[int], chosen: int) -> None:
+    def _tag_runs(self, front: set[int], chosen: int, records: Sequence[TrialRecord]) -> None:
         """`pareto` and `chosen` on every finished trial's run (true or false), so a front that moved since the
-        last invocation leaves no stale tag behind."""
+        last invocation leaves no stale tag behind; a re-evaluated trial's run also gets its mean over seeds."""
+        seeded = {r.number: r for r in records if r.seeds > 1}
         for trial in self.study.get_trials(deepcopy=False, states=FINISHED):
             run_id = trial.user_attrs.get(TRIAL_RUN_ID)
             if run_id:
-                self.tracker.set_tags(run_id, {"pareto": trial.number in front, "chosen": trial.number == chosen})
+                tags: dict[str, Any] = {"pareto": trial.number in front, "chosen": trial.number == chosen}
+                if trial.number in seeded:
+                    r = seeded[trial.number]
+                    tags.update(seeds=r.seeds, hmean_mean=f"{r.hmean:.6f}", hmean_sd=f"{r.hmean_sd:.6f}")
+                self.tracker.set_tags(run_id, tags)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+import numpy as np
 import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -26,10 +27,11 @@ from omegaconf.errors import InterpolationResolutionError
 from optuna.trial import FrozenTrial, TrialState
 
 from search.attributes import (FINISHED, STALE_REASON, STUDY_WARM_STARTED, TRIAL_BASELINE, TRIAL_FAIL_REASON,
-                               TRIAL_HEARTBEAT, TRIAL_RATIOS, TRIAL_RUN_ID, TRIAL_SKIP_SET, TRIAL_TARGET,
-                               WARM_START_ATTRS, Metric)
+                               TRIAL_HEARTBEAT, TRIAL_RATIOS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, TRIAL_RUN_ID,
+                               TRIAL_SKIP_SET, TRIAL_TARGET, WARM_START_ATTRS, Metric)
 from search.config import Objective, mask_url
 from search.pareto import TrialRecord
+from search.reeval import SEED_METRICS, is_reeval
 from train.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -169,9 +171,14 @@ def enqueue_warm_start(study: optuna.Study, trials: Sequence[WarmStart]) -> int:
     return len(trials)
 
 
+def _budget_trials(study: optuna.Study, states: Sequence[TrialState]) -> list[FrozenTrial]:
+    """The trials in ``states`` that count towards `search.n_trials` (re-evaluations come on top: `search.reeval`)."""
+    return [t for t in study.get_trials(deepcopy=False, states=tuple(states)) if not is_reeval(t.user_attrs)]
+
+
 def count_finished(study: optuna.Study) -> int:
     """Trials that count towards `search.n_trials`: complete and screened-out ones (failures do not)."""
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return len(_budget_trials(study, FINISHED))
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ class Budget:
 
     @classmethod
     def of(cls, study: optuna.Study) -> Budget:
-        trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        trials = _budget_trials(study, (*FINISHED, TrialState.RUNNING))
         running = sum(t.state == TrialState.RUNNING for t in trials)
         return cls(finished=len(trials) - running, running=running)
 
@@ -198,7 +205,7 @@ def over_budget(study: optuna.Study, number: int, n_trials: int) -> bool:
     (The one interleaving this cannot rank: a trial enqueued again by `give_up` in the milliseconds between
     another worker's search for enqueued trials and its creation of a new one, then asked after both.)
     """
-    ahead = sum(1 for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    ahead = sum(1 for t in _budget_trials(study, (*FINISHED, TrialState.RUNNING))
                 if t.state != TrialState.RUNNING or t.number < number)
     return ahead >= n_trials
 
@@ -261,6 +268,8 @@ class TrialSpec:
     skip_set: list[str]
     baseline: str
     target_reduction: float | None
+    reeval_of: int | None = None        # a re-evaluation of that trial's plan (search.reeval) ...
+    recovery_seed: int | None = None    # ... recovered with this finetune.seed
 
 
 def trial_spec(study: optuna.Study, number: int) -> TrialSpec:
@@ -270,7 +279,8 @@ def trial_spec(study: optuna.Study, number: int) -> TrialSpec:
     attrs = trials[number].user_attrs
     return TrialSpec(number=number, ratios={k: float(v) for k, v in json.loads(attrs[TRIAL_RATIOS]).items()},
                      skip_set=list(attrs.get(TRIAL_SKIP_SET, [])), baseline=attrs.get(TRIAL_BASELINE, ""),
-                     target_reduction=attrs.get(TRIAL_TARGET))
+                     target_reduction=attrs.get(TRIAL_TARGET), reeval_of=attrs.get(TRIAL_REEVAL_OF),
+                     recovery_seed=attrs.get(TRIAL_RECOVERY_SEED))
 
 
 def screening_points(study: optuna.Study, cost_metric: str) -> list[tuple[float, float]]:
@@ -281,10 +291,26 @@ def screening_points(study: optuna.Study, cost_metric: str) -> list[tuple[float,
 
 
 def trial_records(study: optuna.Study, constraints: Mapping[str, float | None]) -> list[TrialRecord]:
-    """Every complete trial as a `TrialRecord` (feasibility from the current constraints)."""
+    """Every complete trial as a `TrialRecord` (feasibility from the current constraints).
+
+    A trial whose plan was re-evaluated (`search.reeval`) has its accuracy figures (`SEED_METRICS`) averaged over
+    its own recovery and its complete re-evaluations, `seeds` and `hmean_sd` set, and its feasibility judged on
+    the means; each re-evaluation is also a record of its own (`reeval_of`), with its single seed's figures.
+    """
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    seeds: dict[int, list[Mapping[str, Any]]] = {}
+    for t in complete:
+        if is_reeval(t.user_attrs):
+            seeds.setdefault(int(t.user_attrs[TRIAL_REEVAL_OF]), []).append(t.user_attrs)
     records = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        a = t.user_attrs
+    for t in complete:
+        a = dict(t.user_attrs)
+        runs = [t.user_attrs, *seeds.get(t.number, [])] if not is_reeval(a) else [t.user_attrs]
+        for name in SEED_METRICS:
+            values = [float(r[name]) for r in runs if name in r]
+            if values:
+                a[name] = float(np.mean(values))
+        hmeans = [float(r[Metric.HMEAN]) for r in runs]
         records.append(TrialRecord(
             number=t.number, hmean=float(a[Metric.HMEAN]), precision=float(a[Metric.PRECISION]),
             recall=float(a[Metric.RECALL]), flops_ratio=float(a[Metric.FLOPS_RATIO]),
@@ -292,5 +318,7 @@ def trial_records(study: optuna.Study, constraints: Mapping[str, float | None]) 
             run_id=str(a.get(TRIAL_RUN_ID, "")), baseline=a.get(TRIAL_BASELINE, ""),
             target_reduction=a.get(TRIAL_TARGET), agreement=float(a.get(Metric.AGREEMENT, math.nan)),
             false_boxes=float(a.get(Metric.FALSE_BOXES, math.nan)),
-            feasible=all(v <= 0 for v in constraint_values(a, constraints))))
+            feasible=all(v <= 0 for v in constraint_values(a, constraints)), seeds=len(runs),
+            hmean_sd=float(np.std(hmeans, ddof=1)) if len(runs) > 1 else math.nan,
+            reeval_of=a.get(TRIAL_REEVAL_OF)))
     return records
