@@ -82,10 +82,12 @@ def test_the_other_zoo_models_refuse_random_weights_and_search_with_them_allowed
 
 def test_local_workers_share_the_study(tmp_path, cache_env):
     """`search.workers=2`: the command starts one helper worker; both run trials of the one study (SQLite storage)
-    and the budget is met exactly, with one summary."""
+    and the budget is met exactly, with one summary; then both take the re-evaluation jobs, each run once."""
     out = tmp_path / "study"
     proc = run_cli("search", ["multirun", *TINY_SEARCH, "search.workers=2", "search.n_trials=5",
-                              "search.targets=[0.3]", f"out_dir={out}"], cache_env)
+                              "search.targets=[0.3]", "search.reeval.top=1", "search.reeval.seeds=2",
+                              "search.select.max_flops_ratio=null", "search.select.min_agreement=null",
+                              f"out_dir={out}"], cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("chosen_trial=")
     assert proc.stdout.count("Pareto front of study") == 1
@@ -93,7 +95,9 @@ def test_local_workers_share_the_study(tmp_path, cache_env):
                      proc.stdout, re.M)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out}/optuna.db")
     finished = [t for t in study.trials if t.state.is_finished() and t.state != TrialState.FAIL]
-    assert len(finished) == 5
+    reevaluations = [(t.user_attrs["reeval_of"], t.user_attrs["recovery_seed"]) for t in finished
+                     if "reeval_of" in t.user_attrs]
+    assert len(finished) == 5 + 2 and len(set(reevaluations)) == len(reevaluations) == 2, reevaluations
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2, "one worker ran every trial"
     assert (out / "workers" / "helper-1.log").is_file()
 
