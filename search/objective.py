@@ -42,7 +42,7 @@ from train.agreement import AgreementScores, agreement_scores
 from train.data.dataset import DetDataset, endless_batches
 from train.data.source import build_dataset, resolve_data
 from train.data.unlabeled import resolve_unlabeled, unlabeled_eval_set
-from train.evaluation import Boxes, detect, evaluate_detector
+from train.evaluation import Boxes, detect, evaluate_detector, images_scored
 from train.inference import ExportedDetector, fast_forward
 from train.metric import DetScores
 from train.postprocess import DBPostProcess
@@ -130,8 +130,7 @@ def guard_teacher_boxes(cfg: DictConfig, teacher: paddle.nn.Layer, data: TrialDa
 def evaluated_images(cfg: DictConfig, data: TrialData) -> int:
     """How many images a recovered candidate is run on: the eval split (up to `data.eval.max_images`) and the
     guard's."""
-    limit = cfg.data.eval.max_images
-    return (len(data.eval_set) if limit is None else min(limit, len(data.eval_set))) + len(data.guard_set or [])
+    return images_scored(data.eval_set, cfg.data.eval.max_images) + len(data.guard_set or [])
 
 
 def guard_candidate(cfg: DictConfig, student: paddle.nn.Layer | ExportedDetector, teacher: paddle.nn.Layer,

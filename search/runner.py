@@ -304,14 +304,19 @@ class StudyRunner:
         if run_id:
             self.tracker.kill_run(run_id, reason)
 
+    def _ask_one(self) -> Trial:
+        """A new trial of the study, marked as this worker's and alive now (so no worker takes it for stale)."""
+        trial = self.study.ask()
+        trial.set_user_attr(TRIAL_WORKER, self.worker)
+        trial.set_user_attr(TRIAL_HEARTBEAT, time.time())
+        return trial
+
     def _ask(self, count: int) -> None:
         """Ask up to `count` trials into `self.pending`, each with its plan stored in the study. A trial that a
         concurrent ask of another worker pushed over the budget (`over_budget`) is given back: failed, so it does
         not count, and never launched."""
         for _ in range(count):
-            trial = self.study.ask()
-            trial.set_user_attr(TRIAL_WORKER, self.worker)
-            trial.set_user_attr(TRIAL_HEARTBEAT, time.time())
+            trial = self._ask_one()
             if over_budget(self.study, trial.number, self.cfg.search.n_trials):
                 give_up(self.study, trial.number, BUDGET_MET_REASON)
                 log.info("trial %d given back: %s", trial.number, BUDGET_MET_REASON)
@@ -351,9 +356,7 @@ class StudyRunner:
         job another worker asked at the same moment stays with the lower-numbered trial; this one is given back."""
         trials = self.study.get_trials(deepcopy=False)
         for job in jobs:
-            trial = self.study.ask()
-            trial.set_user_attr(TRIAL_WORKER, self.worker)
-            trial.set_user_attr(TRIAL_HEARTBEAT, time.time())
+            trial = self._ask_one()
             trial.set_user_attr(TRIAL_REEVAL_OF, job.trial)
             trial.set_user_attr(TRIAL_RECOVERY_SEED, job.seed)
             if taken_earlier(self.study, trial.number, job):

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.source import build_dataset, resolve_data
 from train.errors import ConfigError
-from train.evaluation import evaluate_detector
+from train.evaluation import evaluate_detector, images_scored
 from train.inference import ExportedDetector, fast_forward
 from train.postprocess import DBPostProcess
 from train.runtime import set_device
@@ -53,9 +53,8 @@ def main(cfg: DictConfig) -> None:
     dataset = build_dataset(cfg.data, source, "eval")
     model = _model(cfg)
     limit = cfg.data.eval.max_images
-    images = len(dataset) if limit is None else min(limit, len(dataset))
-    scores = evaluate_detector(fast_forward(model, images, cfg.threads), dataset, DBPostProcess(**cfg.postprocess),
-                               cfg.data.eval.max_images, progress=cfg.progress)
+    scores = evaluate_detector(fast_forward(model, images_scored(dataset, limit), cfg.threads), dataset,
+                               DBPostProcess(**cfg.postprocess), limit, progress=cfg.progress)
     print_result_line(f"hmean={scores.hmean:.6f} precision={scores.precision:.6f} recall={scores.recall:.6f} "
                       f"images={scores.images}")
 

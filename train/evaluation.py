@@ -40,6 +40,11 @@ def evaluate_detector(
     return metric.compute()
 
 
+def images_scored(dataset: DetDataset, max_images: int | None) -> int:
+    """How many images ``detect`` and ``evaluate_detector`` run on: the first ``max_images`` (None: all)."""
+    return len(dataset) if max_images is None else min(max_images, len(dataset))
+
+
 def detect(model: paddle.nn.Layer, dataset: DetDataset, postprocess: DBPostProcess, progress: bool = False,
            desc: str = "detect", max_images: int | None = None) -> list[Boxes]:
     """The post-processed boxes (source-image coordinates) of ``model`` on the first ``max_images`` images (all by
@@ -47,7 +52,7 @@ def detect(model: paddle.nn.Layer, dataset: DetDataset, postprocess: DBPostProce
     if dataset.mode != "eval":
         raise ValueError(f"{desc} needs an eval-mode dataset (resize-for-test transform)")
     model.eval()
-    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    count = images_scored(dataset, max_images)
     out = []
     for index in tqdm(range(count), desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
         sample = dataset[index]

@@ -204,7 +204,6 @@ class DistillationLoss:
                  teacher_program: bool | None = None) -> None:
         if map_loss not in MAP_LOSSES:
             raise ConfigError(f"map_loss={map_loss!r}: expected one of {list(MAP_LOSSES)}")
-        self.teacher = teacher
         self.map_weight = map_weight
         self.map_loss = map_loss
         self.feature_weight = feature_weight
