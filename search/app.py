@@ -28,10 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune.measure import Measurement
 from prune.plan import PruningPlan, check_plan_fits, make_plan
-from search.attributes import STUDY_REFERENCE, STUDY_SPACE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, Metric
+from search.attributes import (STUDY_REFERENCE, STUDY_SPACE, TRIAL_FAIL_REASON, TRIAL_RUN_ID, TRIAL_STOPPED_AT,
+                               Metric)
 from search.config import mask_url, objectives
-from search.objective import (PLAN_FILE, WEIGHTS_FILE, TrialData, TrialResult, load_trial_data, measure_model,
-                              run_candidate)
+from search.objective import (PLAN_FILE, WEIGHTS_FILE, RungCheck, TrialData, TrialResult, load_trial_data,
+                              measure_model, run_candidate)
+from search.rungs import RungJudge, RungRule
 from search.space import SearchSpace
 from search.study import TrialSpec, load_study, make_storage, screening_points, set_trial_attr, trial_spec
 from search.tracking import RunLogger, Tracker
@@ -52,6 +54,7 @@ class TrialOutcome:
     run_id: str
     screened_out: bool
     metrics: dict[str, float]
+    stopped_at: int | None = None  # recovery steps at the rung the trial was stopped at (search.rungs)
 
 
 class TrialFailed(Exception):
@@ -88,6 +91,8 @@ def _log_result(run: RunLogger, result: TrialResult, out_dir: Path, log_weights:
     if log_weights and (out_dir / WEIGHTS_FILE).exists():
         run.log_artifact(out_dir / WEIGHTS_FILE, "weights")
     run.set_tags({"screened_out": result.screened_out})
+    if result.stopped_at is not None:
+        run.set_tags({TRIAL_STOPPED_AT: result.stopped_at})
 
 
 def _run_tracked(run: RunLogger, cfg: DictConfig, out_dir: Path, data: TrialData | None = None,
@@ -121,7 +126,11 @@ def _run_tracked(run: RunLogger, cfg: DictConfig, out_dir: Path, data: TrialData
 
 def run_title(number: int, result: TrialResult) -> str:
     """A trial run's name with its key figures, so the UI's run list reads like the Pareto table:
-    `trial-5 h=0.832 f=0.48 a=0.61` (hmean, FLOPs ratio, teacher agreement) or `trial-7 screened f=0.60`."""
+    `trial-5 h=0.832 f=0.48 a=0.61` (hmean, FLOPs ratio, teacher agreement), `trial-7 screened f=0.60` or
+    `trial-8 stopped@20 h=0.412 f=0.50` (its hmean at the rung it was stopped at)."""
+    if result.stopped_at is not None:
+        return f"trial-{number} stopped@{result.stopped_at} h={result.rungs[result.stopped_at]:.3f} " \
+               f"f={result.flops_ratio:.2f}"
     if result.screened_out or result.scores is None:
         return f"trial-{number} screened f={result.flops_ratio:.2f}"
     title = f"trial-{number} h={result.scores.hmean:.3f} f={result.flops_ratio:.2f}"
@@ -153,6 +162,11 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
     cost_metric = next(o.metric for o in objectives(list(cfg.search.objectives)) if o.metric != Metric.HMEAN)
     # Baselines are always fine-tuned: they are what the study must beat; a re-evaluation's plan passed already.
     front = None if spec.baseline or spec.reeval_of is not None else screening_points(study, cost_metric)
+    rule = RungRule.from_config(cfg)
+    rungs = rule.active_steps(cfg.finetune.steps)
+    # Every recovered trial reports its rungs (the seed rule's plan is the score to beat); only candidates stop.
+    rung = RungCheck(rungs, RungJudge(study, spec.number, rule, spec.target_reduction,
+                                      stoppable=front is not None)) if rungs else None
     if spec.recovery_seed is not None:  # this job's own config (Hydra composes one per job)
         cfg.finetune.seed = spec.recovery_seed
 
@@ -175,7 +189,7 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = _run_tracked(run, cfg, out_dir, reference=reference, ratios=spec.ratios, screening_front=front,
-                              cost_metric=cost_metric)
+                              cost_metric=cost_metric, rung=rung)
     finally:
         release_freed_memory()
     title = run_title(spec.number, result)
@@ -186,7 +200,7 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
     if trial.state.is_finished():
         tracker.kill_run(run.run_id, trial.user_attrs.get(TRIAL_FAIL_REASON, trial.state.name))
     return TrialOutcome(number=spec.number, run_id=run.run_id, screened_out=result.screened_out,
-                        metrics=result.metrics())
+                        metrics=result.metrics(), stopped_at=result.stopped_at)
 
 
 @exit_on_user_error

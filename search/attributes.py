@@ -30,6 +30,8 @@ TRIAL_SEED_RULE_REDUCTION = "seed_rule_reduction"
 TRIAL_SEED_RULE_THRESHOLD = "seed_rule_threshold"
 TRIAL_RUN_ID = "mlflow_run_id"
 TRIAL_SCREENED_OUT = "screened_out"
+TRIAL_STOPPED_AT = "stopped_at"  # the rung (recovery steps) a candidate was stopped at (search.rungs)
+TRIAL_RUNG_PREFIX = "rung:"      # `rung:<steps>`: {"hmean", "cost"} of a trial at that rung
 TRIAL_FAIL_REASON = "fail_reason"
 TRIAL_WORKER = "worker"
 TRIAL_HEARTBEAT = "heartbeat"   # time.time() of the running trial's last heartbeat
@@ -42,7 +44,8 @@ BUDGET_MET_REASON = "budget met by other workers"
 
 TRIAL_ATTRS = (TRIAL_RATIOS, TRIAL_SKIP_SET, TRIAL_BASELINE, TRIAL_TARGET, TRIAL_PROJECTED_FLOPS,
                TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD, TRIAL_RUN_ID, TRIAL_SCREENED_OUT,
-               TRIAL_FAIL_REASON, TRIAL_WORKER, TRIAL_HEARTBEAT, TRIAL_REEVAL_OF, TRIAL_RECOVERY_SEED)
+               TRIAL_STOPPED_AT, TRIAL_FAIL_REASON, TRIAL_WORKER, TRIAL_HEARTBEAT, TRIAL_REEVAL_OF,
+               TRIAL_RECOVERY_SEED)
 
 # What a warm-start trial is enqueued with (and enqueued again with when it is given up before it ran).
 WARM_START_ATTRS = (TRIAL_BASELINE, TRIAL_TARGET, TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD)
@@ -65,6 +68,7 @@ class Metric(StrEnum):
     SCREEN_HMEAN = "screen_hmean"
     SCREEN_PRECISION = "screen_precision"
     SCREEN_RECALL = "screen_recall"
+    RUNG_HMEAN = "rung_hmean"  # during recovery, at each rung (MLflow step = recovery step; search.rungs)
     # The generalization guard: agreement with the unpruned model on unlabelled images (train.agreement).
     AGREEMENT = "agreement"
     AGREEMENT_PRECISION = "agreement_precision"

@@ -117,6 +117,7 @@ def check_search_config(cfg: DictConfig) -> None:
     if screening.bn_batches < 0 or screening.max_images < 1:
         raise ConfigError(f"search.screening: bn_batches={screening.bn_batches} must be >= 0 and "
                           f"max_images={screening.max_images} >= 1")
+    check_rungs(cfg)
     for key in ("top", "seeds"):
         if search.reeval[key] < 0:
             raise ConfigError(f"search.reeval.{key}={search.reeval[key]}: must be >= 0")
@@ -130,6 +131,17 @@ def check_search_config(cfg: DictConfig) -> None:
     if min_agreement is not None and cfg.data.get("unlabeled_eval") is None:
         raise ConfigError("search.select.min_agreement needs the guard's images: set data.unlabeled_eval (builtin or "
                           "a folder of your images), or search.select.min_agreement=null")
+
+
+def check_rungs(cfg: DictConfig) -> None:
+    """ConfigError for rungs that cannot work: increasing step counts >= 1 and a margin >= 0. A rung at or past
+    `finetune.steps` is not one (the trial is scored at its end anyway): tiny recoveries simply have none."""
+    rungs = cfg.search.rungs
+    steps = list(rungs.steps)
+    if any(int(s) < 1 for s in steps) or sorted(set(steps)) != steps:
+        raise ConfigError(f"search.rungs.steps={steps}: need increasing recovery step counts >= 1")
+    if not rungs.margin >= 0:
+        raise ConfigError(f"search.rungs.margin={rungs.margin}: must be >= 0")
 
 
 def check_out_dir(out_dir: str | Path, key: str = "out_dir") -> None:

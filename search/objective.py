@@ -9,6 +9,8 @@
 4. Brief recovery fine-tune (`train.recovery`, distillation from the unpruned model on labelled train crops mixed
    with the unlabelled pool), then hmean / precision / recall on the eval split and the generalization guard
    (`train.agreement`: teacher agreement and false boxes per text-free image on the held-out unlabelled pool).
+   With `search.rungs`, the candidate is scored on the eval split at those recovery steps too, and stopped there
+   when a trial at its cost scored `margin` higher at the same rung (`search.rungs`).
    A plan that cuts nothing is not fine-tuned: a student equal to its teacher has nothing to recover, so the
    unpruned baseline is the pretrained model as the user brought it (not BN-recalibrated either; it agrees with
    itself by definition), and the search's budget goes to pruned candidates.
@@ -23,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import paddle
@@ -162,13 +164,15 @@ def measure_against_unpruned(model: paddle.nn.Layer, unpruned: paddle.nn.Layer,
 def recover_candidate(student: paddle.nn.Layer, teacher: paddle.nn.Layer, plan: PruningPlan,
                       groups: list[ChannelGroup], train_set: DetDataset, settings: RecoverySettings,
                       progress: bool = True, unlabeled: Sequence[Path] | None = None,
-                      checkpoint_prefix: Path | None = None) -> FinetuneResult:
+                      checkpoint_prefix: Path | None = None,
+                      on_step: Callable[[int, dict[str, float]], bool | None] | None = None) -> FinetuneResult:
     """Fine-tune a pruned candidate in place (`train.recovery`), with feature distillation at the backbone and neck
     channels the plan kept, on labelled crops of `train_set` mixed with crops of the `unlabeled` images. The one
-    recovery entry point of the search (trials, and a longer run before export)."""
+    recovery entry point of the search (trials, and a longer run before export). `on_step`: `train.trainer.finetune`'s
+    (a true return stops the recovery: a trial that lost at a rung)."""
     return recover(student, teacher, train_set, settings, feature_channels=neck_feature_channels(plan, groups, teacher),
                    progress=progress, unlabeled=unlabeled, checkpoint_prefix=checkpoint_prefix,
-                   backbone_channels=backbone_feature_channels(plan, groups, teacher))
+                   backbone_channels=backbone_feature_channels(plan, groups, teacher), on_step=on_step)
 
 
 def screen_candidate(model: paddle.nn.Layer, data: TrialData, settings: RecoverySettings, bn_batches: int,
@@ -188,7 +192,9 @@ def screen_candidate(model: paddle.nn.Layer, data: TrialData, settings: Recovery
 
 @dataclass
 class TrialResult:
-    """What a trial measured; `scores` is None for a screened-out candidate, `finetune` also when nothing was cut."""
+    """What a trial measured; `scores` is None for a screened-out candidate and for one stopped at a rung
+    (`stopped_at`: its recovery steps then; `rungs`: hmean at each rung it reached), `finetune` also when nothing
+    was cut."""
 
     plan: PruningPlan
     measurement: Measurement
@@ -199,6 +205,8 @@ class TrialResult:
     finetune: FinetuneResult | None = None
     scores: DetScores | None = None
     guard: AgreementScores | None = None
+    rungs: dict[int, float] = field(default_factory=dict)
+    stopped_at: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -234,18 +242,50 @@ class TrialResult:
             out.update(self.guard.metrics())
         if self.finetune is not None and self.finetune.losses:
             out[Metric.FINETUNE_FINAL_LOSS] = self.finetune.losses[-1]
+        if self.stopped_at is not None:
+            out[Metric.RUNG_HMEAN] = self.rungs[self.stopped_at]
         out.update({f"{SECONDS_PREFIX}{k}": v for k, v in self.seconds.items()})
         return out
+
+
+@dataclass
+class RungCheck:
+    """The rungs of a trial's recovery (`search.rungs`): the steps to score at, and the judge that records each
+    score and returns the rival that stops the trial (`search.rungs.RungJudge`), or None to go on."""
+
+    steps: Sequence[int]
+    judge: Callable[[int, float, float], object | None]
+
+    def callback(self, model: paddle.nn.Layer, cfg: DictConfig, data: TrialData, result: TrialResult,
+                 sink: MetricSink, cost_metric: str) -> Callable[[int, dict[str, float]], bool]:
+        """`recover`'s `on_step`: at a rung, the candidate's hmean on the eval split (scored like its final hmean)
+        goes to the judge; true stops the recovery (`result.stopped_at`)."""
+        def on_step(step: int, terms: dict[str, float]) -> bool:
+            if step not in self.steps:
+                return False
+            tic = time.perf_counter()
+            forwards = fast_forward(model, evaluated_images(cfg, data))
+            hmean = evaluate_detector(forwards, data.eval_set, data.postprocess, cfg.data.eval.max_images,
+                                      progress=False).hmean
+            result.rungs[step] = hmean
+            result.seconds["rungs"] = result.seconds.get("rungs", 0.0) + time.perf_counter() - tic
+            sink.log_metrics({Metric.RUNG_HMEAN: hmean}, step=step)
+            if self.judge(step, hmean, result.cost_metrics()[cost_metric]) is None:
+                return False
+            result.stopped_at = step
+            return True
+        return on_step
 
 
 def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_dir: Path, sink: MetricSink,
                   ratios: Mapping[str, float] | None = None, plan: PruningPlan | None = None,
                   screening_front: Sequence[tuple[float, float]] | None = None, cost_metric: str = Metric.FLOPS_RATIO,
-                  ) -> TrialResult:
+                  rung: RungCheck | None = None) -> TrialResult:
     """Run steps 1-4 of the module docstring for a plan given as `ratios` (ranked here) or as a ready `plan`.
 
     `screening_front`: (screening hmean, cost ratio) of earlier candidates; None never screens out (baselines).
-    Writes the plan and the fine-tuned weights to `out_dir`.
+    `rung`: at each of its recovery steps the candidate is scored on the eval split and `rung.judge` decides whether
+    it stops there (`search.rungs`). Writes the plan and the fine-tuned weights (not of a stopped one) to `out_dir`.
     """
     started = time.perf_counter()
     model = detector_from_config(cfg.model)
@@ -284,10 +324,14 @@ def run_candidate(cfg: DictConfig, data: TrialData, reference: Measurement, out_
     recovered = bool(cut_counts(plan))
     if recovered:
         tic = time.perf_counter()
+        on_step = None if rung is None else rung.callback(model, cfg, data, result, sink, cost_metric)
         result.finetune = recover_candidate(model, unpruned, plan, groups, data.train_set, settings, cfg.progress,
-                                            unlabeled=data.unlabeled)
+                                            unlabeled=data.unlabeled, on_step=on_step)
         result.seconds["finetune"] = time.perf_counter() - tic
         sink.log_series(Metric.FINETUNE_LOSS, result.finetune.losses)
+        if result.stopped_at is not None:
+            result.seconds["total"] = time.perf_counter() - started
+            return result
 
     tic = time.perf_counter()
     forwards = fast_forward(model, evaluated_images(cfg, data))  # on CPU the compiled program (README "Search")

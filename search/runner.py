@@ -29,7 +29,8 @@ from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET
                                FINISHED, STALE_REASON, STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE,
                                STUDY_SETTINGS, STUDY_SPACE, TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT,
                                TRIAL_PROJECTED_FLOPS, TRIAL_RATIOS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, TRIAL_RUN_ID,
-                               TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_TARGET, TRIAL_WORKER, Metric)
+                               TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_STOPPED_AT, TRIAL_TARGET, TRIAL_WORKER,
+                               Metric)
 from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, mask_url, objectives,
                            study_constraints, task_config)
 from search.heartbeat import Heartbeat, Liveness, worker_id
@@ -418,6 +419,12 @@ class StudyRunner:
             self.study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d screened out (screening hmean %.4f, flops ratio %.3f)", trial.number,
                      outcome.metrics[Metric.SCREEN_HMEAN], outcome.metrics[Metric.FLOPS_RATIO])
+            return
+        if outcome.stopped_at is not None:  # lost at a rung (search.rungs): told like a screened-out candidate
+            trial.set_user_attr(TRIAL_STOPPED_AT, outcome.stopped_at)
+            self.study.tell(trial, state=TrialState.PRUNED)
+            log.info("trial %d stopped at rung %d (hmean %.4f there, flops ratio %.3f)", trial.number,
+                     outcome.stopped_at, outcome.metrics[Metric.RUNG_HMEAN], outcome.metrics[Metric.FLOPS_RATIO])
             return
         self.study.tell(trial, [outcome.metrics[o.metric] for o in self.objectives])
         metrics = outcome.metrics

@@ -76,6 +76,26 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_root: Path, tmp_path: 
         np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-6, err_msg=key)
 
 
+def test_on_step_may_evaluate_the_model_and_stop_the_run(tiny_root: Path):
+    """A search trial's rung: on_step puts the model in eval mode to score it; training goes on in train mode
+    until on_step returns true, and the run then ends there (fewer steps than the budget, model in eval mode)."""
+    seen: list[tuple[int, bool]] = []
+
+    def rung(step: int, terms: dict[str, float]) -> bool:
+        seen.append((step, model.training))
+        model.eval()  # what scoring the model does
+        return step == 3
+
+    model = _fresh_model()
+    result = finetune(model, _batches(tiny_root), DBLoss(), FinetuneSettings(steps=6, warmup_steps=1),
+                      on_step=rung, progress=False)
+    assert seen == [(1, True), (2, True), (3, True)]
+    assert result.stopped and result.steps == 3 and len(result.losses) == 3 and not model.training
+    finished = finetune(_fresh_model(), _batches(tiny_root), DBLoss(), FinetuneSettings(steps=2, warmup_steps=1),
+                        on_step=lambda step, terms: None, progress=False)
+    assert not finished.stopped and finished.steps == 2
+
+
 def test_nan_loss_stops_with_training_diverged(tiny_root: Path):
     def nan_loss(predicts, batch):
         return {"loss": predicts["maps"].mean() * float("nan")}

@@ -305,7 +305,7 @@ def recover(
     train_set: DetDataset,
     settings: RecoverySettings,
     feature_channels: Sequence[int] | None = None,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], bool | None] | None = None,
     progress: bool = True,
     checkpoint_prefix: Path | None = None,
     unlabeled: Sequence[Path] | None = None,

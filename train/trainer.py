@@ -57,12 +57,14 @@ class FinetuneSettings:
 
 @dataclass
 class FinetuneResult:
-    """What a fine-tune did: the per-step total loss (for curves) and the mean of every term over the last steps."""
+    """What a fine-tune did: the per-step total loss (for curves) and the mean of every term over the last steps.
+    `stopped`: `on_step` ended it after `steps` of the budget."""
 
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
     final_terms: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -117,7 +119,7 @@ def finetune(
     loss_fn: LossFn,
     settings: FinetuneSettings,
     checkpoint_prefix: Path | None = None,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], bool | None] | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
     """Train `model` in place for `settings.steps` steps on `batches` (an endless iterator).
@@ -126,7 +128,9 @@ def finetune(
     state already there (from an interrupted run of the same budget) is resumed instead of starting over; the
     batches the interrupted run consumed are drawn again and dropped, so a resumed run sees the same data as an
     uninterrupted one.
-    `on_step(step, terms)` receives every step's loss terms as floats (for MLflow and the like).
+    `on_step(step, terms)` receives every step's loss terms as floats (for MLflow and the like); a true return
+    value stops the fine-tune after that step (a search trial that lost at a rung), state saved as at the end.
+    It may evaluate the model: training goes on in train mode.
     Raises `TrainingDiverged` on a non-finite loss.
     """
     # Adam names its moment accumulators from a process-wide counter ("..._moment1_3"), and restoring an optimizer
@@ -141,7 +145,7 @@ def _finetune(
     loss_fn: LossFn,
     settings: FinetuneSettings,
     checkpoint_prefix: Path | None,
-    on_step: Callable[[int, dict[str, float]], None] | None,
+    on_step: Callable[[int, dict[str, float]], bool | None] | None,
     progress: bool,
 ) -> FinetuneResult:
     scheduler = warmup_cosine(settings.lr, settings.steps, settings.warmup_steps)
@@ -151,7 +155,7 @@ def _finetune(
     optimizer = paddle.optimizer.Adam(learning_rate=scheduler, parameters=trainable, grad_clip=clip,
                                       weight_decay=decay)
 
-    start, losses = 0, []
+    start, losses, stopped = 0, [], False
     if checkpoint_prefix is not None and _checkpoint_paths(checkpoint_prefix)[2].exists():
         start, losses = _load_train_state(checkpoint_prefix, model, optimizer)
         for _ in range(start):
@@ -181,19 +185,23 @@ def _finetune(
             recent.setdefault(name, []).append(v)
             del recent[name][: -settings.log_every]
         if on_step is not None:
-            on_step(step + 1, floats)
+            stopped = bool(on_step(step + 1, floats))
+            model.train()  # on_step may have evaluated the model (eval mode)
         bar.update(1)
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
             bar.set_postfix(loss=f"{np.mean(recent['loss']):.4f}", lr=f"{optimizer.get_lr():.2e}")
         if checkpoint_prefix is not None and settings.save_every and (step + 1) % settings.save_every == 0:
             save_train_state(checkpoint_prefix, model, optimizer, step + 1, losses)
+        if stopped:
+            break
     bar.close()
     if checkpoint_prefix is not None:
-        save_train_state(checkpoint_prefix, model, optimizer, settings.steps, losses)
+        save_train_state(checkpoint_prefix, model, optimizer, len(losses), losses)
     model.eval()
     return FinetuneResult(
-        steps=settings.steps,
+        steps=len(losses),
         seconds=time.perf_counter() - started,
         losses=losses,
         final_terms={name: float(np.mean(v)) for name, v in recent.items()},
+        stopped=stopped,
     )
