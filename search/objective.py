@@ -10,7 +10,7 @@
    with the unlabelled pool), then hmean / precision / recall on the eval split and the generalization guard
    (`train.agreement`: teacher agreement and false boxes per text-free image on the held-out unlabelled pool).
    With `search.rungs`, the candidate is scored on the eval split at those recovery steps too, and stopped there
-   when a trial at its cost scored `margin` higher at the same rung (`search.rungs`).
+   when a trial at its cost scored `margin` higher at the same rung (`search/rungs.py`).
    A plan that cuts nothing is not fine-tuned: a student equal to its teacher has nothing to recover, so the
    unpruned baseline is the pretrained model as the user brought it (not BN-recalibrated either; it agrees with
    itself by definition), and the search's budget goes to pruned candidates.
