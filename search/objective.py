@@ -239,7 +239,9 @@ class TrialResult:
             out.update({Metric.HMEAN: self.scores.hmean, Metric.PRECISION: self.scores.precision,
                         Metric.RECALL: self.scores.recall})
         if self.guard is not None:
-            out.update(self.guard.metrics())
+            g = self.guard
+            out.update({Metric.AGREEMENT: g.agreement, Metric.AGREEMENT_PRECISION: g.precision,
+                        Metric.AGREEMENT_RECALL: g.recall, Metric.FALSE_BOXES: g.false_boxes})
         if self.finetune is not None and self.finetune.losses:
             out[Metric.FINETUNE_FINAL_LOSS] = self.finetune.losses[-1]
         if self.stopped_at is not None:

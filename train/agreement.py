@@ -31,11 +31,6 @@ class AgreementScores:
     images: int
     text_free: int
 
-    def metrics(self) -> dict[str, float]:
-        """MLflow / study metric names."""
-        return {"agreement": self.agreement, "agreement_precision": self.precision,
-                "agreement_recall": self.recall, "false_boxes": self.false_boxes}
-
 
 def agreement_scores(student: list[Boxes], teacher: list[Boxes]) -> AgreementScores:
     """Compare per-image box lists; ``teacher`` plays the ground truth (no don't-care regions).
