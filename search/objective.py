@@ -266,9 +266,9 @@ class RungCheck:
             if step not in self.steps:
                 return False
             tic = time.perf_counter()
-            forwards = fast_forward(model, evaluated_images(cfg, data))
-            hmean = evaluate_detector(forwards, data.eval_set, data.postprocess, cfg.data.eval.max_images,
-                                      progress=False).hmean
+            limit = cfg.data.eval.max_images  # the eval split only: the guard runs once, at the end
+            forwards = fast_forward(model, images_scored(data.eval_set, limit))
+            hmean = evaluate_detector(forwards, data.eval_set, data.postprocess, limit, progress=False).hmean
             result.rungs[step] = hmean
             result.seconds["rungs"] = result.seconds.get("rungs", 0.0) + time.perf_counter() - tic
             sink.log_metrics({Metric.RUNG_HMEAN: hmean}, step=step)
