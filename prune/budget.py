@@ -1,13 +1,14 @@
-"""Plans by channel counts, and their FLOPs: what projecting a candidate onto a FLOPs target needs.
+"""Plans by channel counts, and their cost: what projecting a candidate onto a FLOPs or latency target needs.
 
-Which channels a group keeps does not change the pruned model's FLOPs, only how many, so the cost of a candidate
+Which channels a group keeps does not change the pruned model's cost, only how many, so the cost of a candidate
 given as channels kept per group is measured on a plan that keeps each group's first channels (no ranking).
-The count is the real one (`prune.measure.count_flops` of the applied plan), the one every trial reports.
+FLOPs are the real count (`prune.measure.count_flops` of the applied plan), the one every trial reports; another
+cost is any function of the pruned model, e.g. `prune.latency_model.LatencyModel.predict`.
 """
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from typing import Callable, Mapping
 
 import paddle
 
@@ -30,22 +31,26 @@ def plan_of_counts(model_name: str, kept: Mapping[str, int], channels: Mapping[s
                        weights_hash="counts-only", align=align)
 
 
-class FlopsOfCounts:
-    """FLOPs ratio (pruned / unpruned) of `model` cut to given channel counts per group, at `input_size`."""
+class CostOfCounts:
+    """Cost ratio (pruned / unpruned) of `model` cut to given channel counts per group, at `input_size`: the FLOPs
+    ratio, or `cost` of the pruned model (a ratio to the unpruned model, 1.0 for it)."""
 
     def __init__(self, model: paddle.nn.Layer, model_name: str, align: int, input_size: tuple[int, int],
-                 groups: list[ChannelGroup] | None = None):
+                 groups: list[ChannelGroup] | None = None,
+                 cost: Callable[[paddle.nn.Layer], float] | None = None):
         self.model = model
         self.model_name = model_name
         self.align = align
         self.input_size = tuple(input_size)
         self.groups = discover_groups(model) if groups is None else groups
         self.channels = {g.name: g.channels for g in self.groups if g.prunable}
-        self.base = count_flops(model, self.input_size)
+        if cost is None:
+            base = count_flops(model, self.input_size)
+            cost = lambda pruned: count_flops(pruned, self.input_size) / base  # noqa: E731
+        self.cost = cost
 
     def __call__(self, kept: Mapping[str, int]) -> float:
         if not kept:
             return 1.0
         plan = plan_of_counts(self.model_name, kept, self.channels, self.align, self.input_size)
-        pruned = apply_plan(copy.deepcopy(self.model), plan, self.groups)
-        return count_flops(pruned, self.input_size) / self.base
+        return self.cost(apply_plan(copy.deepcopy(self.model), plan, self.groups))

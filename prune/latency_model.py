@@ -105,6 +105,12 @@ def predict_ratio(shares: Mapping[str, float], features: Mapping[str, float]) ->
     return shares[FIXED] + sum(shares[k] * features[k] for k in FEATURES)
 
 
+def latency_predictor(shares: Mapping[str, float], reference: Mapping[str, float],
+                      input_size: tuple[int, int]) -> Callable[[nn.Layer], float]:
+    """A pruned model -> its predicted latency ratio, from a fit's shares and the unpruned model's costs."""
+    return lambda model: predict_ratio(shares, relative_features(cost_features(model, tuple(input_size)), reference))
+
+
 @dataclass(frozen=True)
 class LatencyModelKey:
     """What a fit is valid for: the architecture, input, threads and engine, and the machine."""
@@ -156,8 +162,12 @@ class LatencyModel:
 
     def predict(self, model: nn.Layer) -> float:
         """Predicted latency ratio of ``model`` (a pruned copy of the key's architecture) to the unpruned one."""
-        return predict_ratio(self.shares, relative_features(cost_features(model, self.key.input_size),
-                                                            self.reference))
+        return latency_predictor(self.shares, self.reference, self.key.input_size)(model)
+
+    def stored(self) -> dict[str, Any]:
+        """What a study keeps of the fit to predict with it (`latency_predictor`), and where it came from."""
+        return {"shares": dict(self.shares), "reference": dict(self.reference), "key": asdict(self.key),
+                "plans": len(self.measured)}
 
     def save(self, path: Path) -> None:
         data = {"schema_version": SCHEMA_VERSION, "key": asdict(self.key), "reference": self.reference,

@@ -5,12 +5,15 @@ group is pruned by the ratio at which its sensitivity curve reaches the threshol
 measured ratios, as PaddleSlim's `get_ratios_by_loss`; a group whose first measured loss is already above the
 threshold is left whole). The threshold is bisected until the plan removes a target share of the inference FLOPs.
 PaddleSlim stops its bisection as soon as a FLOPs value repeats, which can land far from the target; this one
-bisects on the real FLOPs of the applied plan until it is within `tolerance` of the target.
+bisects on the real FLOPs of the applied plan until it is within `tolerance` of the target. The same bisection
+aims at another cost given as a function of the pruned model (`cost`, e.g. the predicted latency ratio of
+`prune.latency_model`): the rule stays PaddleOCR's, only what it is bisected on changes.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import paddle
@@ -40,9 +43,13 @@ def ratios_at_threshold(table: SensitivityTable, threshold: float, max_ratio: fl
     return ratios
 
 
+CostRatio = Callable[[paddle.nn.Layer], float]  # a pruned model -> its cost / the unpruned model's
+
+
 @dataclass
 class SeedRulePlan:
-    """A seed-rule plan and how close it came: `flops_ratio` = pruned / unpruned inference FLOPs."""
+    """A seed-rule plan and how close it came: `flops_ratio` = pruned / unpruned inference FLOPs; `cost_ratio` the
+    cost it was bisected on (the FLOPs ratio unless another cost was given), `reduction` = 1 - `cost_ratio`."""
 
     plan: PruningPlan
     threshold: float
@@ -50,6 +57,7 @@ class SeedRulePlan:
     flops: int
     base_flops: int
     iterations: int
+    cost_ratio: float | None = None
 
     @property
     def flops_ratio(self) -> float:
@@ -57,7 +65,7 @@ class SeedRulePlan:
 
     @property
     def reduction(self) -> float:
-        return 1.0 - self.flops_ratio
+        return 1.0 - (self.flops_ratio if self.cost_ratio is None else self.cost_ratio)
 
 
 def seed_rule_plan(
@@ -71,41 +79,51 @@ def seed_rule_plan(
     tolerance: float = 0.01,
     max_iterations: int = 40,
     groups: list[ChannelGroup] | None = None,
+    cost: CostRatio | None = None,
+    cost_name: str = "FLOPs",
 ) -> SeedRulePlan:
-    """Bisect the loss threshold until the plan removes `target_reduction` (± `tolerance`) of inference FLOPs.
+    """Bisect the loss threshold until the plan removes `target_reduction` (± `tolerance`) of inference FLOPs, or of
+    `cost` (named `cost_name` in errors) when given.
 
     Raises ConfigError when the target is outside what the table allows (naming the reachable range) or when a
-    jump in the FLOPs curve (one group entering at its first measured ratio) straddles the tolerance band.
+    jump in the cost curve (one group entering at its first measured ratio) straddles the tolerance band.
     """
     if not 0.0 < target_reduction < 1.0:
-        raise ConfigError(f"seed-rule FLOPs reduction target {target_reduction}: must be in (0, 1)")
+        raise ConfigError(f"seed-rule {cost_name} reduction target {target_reduction}: must be in (0, 1)")
     groups = discover_groups(model) if groups is None else groups
     base_flops = count_flops(model, input_size)
 
-    def evaluate(threshold: float) -> tuple[PruningPlan, int]:
+    def evaluate(threshold: float) -> tuple[PruningPlan, int, float]:
         candidate = copy.deepcopy(model)
         plan = make_plan(candidate, model_name, ratios_at_threshold(table, threshold), criterion, align, input_size,
                          groups)
-        return plan, count_flops(apply_plan(candidate, plan, groups), input_size)
+        pruned = apply_plan(candidate, plan, groups)
+        flops = count_flops(pruned, input_size)
+        return plan, flops, flops / base_flops if cost is None else cost(pruned)
+
+    def found(best: tuple, iteration: int) -> SeedRulePlan:
+        plan, threshold, _, flops, ratio = best
+        return SeedRulePlan(plan, threshold, target_reduction, flops, base_flops, iteration,
+                            None if cost is None else ratio)
 
     low, high = 0.0, float(max(np.nanmax(table.curve(g)) for g in table.groups))
-    plan, flops = evaluate(high)
-    reduction = 1.0 - flops / base_flops
+    plan, flops, ratio = evaluate(high)
+    reduction = 1.0 - ratio
     if reduction < target_reduction - tolerance:
-        raise ConfigError(f"seed rule cannot remove {target_reduction:.0%} of FLOPs: pruning every group to its "
+        raise ConfigError(f"seed rule cannot remove {target_reduction:.0%} of {cost_name}: pruning every group to its "
                           f"largest measured ratio removes {reduction:.1%}")
-    best = (plan, high, reduction, flops)
+    best = (plan, high, reduction, flops, ratio)
     for iteration in range(1, max_iterations + 1):
         if abs(best[2] - target_reduction) <= tolerance:
-            return SeedRulePlan(best[0], best[1], target_reduction, best[3], base_flops, iteration)
+            return found(best, iteration)
         threshold = (low + high) / 2
-        plan, flops = evaluate(threshold)
-        reduction = 1.0 - flops / base_flops
+        plan, flops, ratio = evaluate(threshold)
+        reduction = 1.0 - ratio
         if abs(reduction - target_reduction) < abs(best[2] - target_reduction):
-            best = (plan, threshold, reduction, flops)
+            best = (plan, threshold, reduction, flops, ratio)
         if reduction < target_reduction:
             low = threshold
         else:
             high = threshold
-    raise ConfigError(f"seed rule could not reach {target_reduction:.1%} ± {tolerance:.1%} FLOPs reduction "
-                      f"(closest: {best[2]:.1%} at threshold {best[1]:.4g}); the FLOPs curve jumps there")
+    raise ConfigError(f"seed rule could not reach {target_reduction:.1%} ± {tolerance:.1%} {cost_name} reduction "
+                      f"(closest: {best[2]:.1%} at threshold {best[1]:.4g}); the {cost_name} curve jumps there")

@@ -25,7 +25,8 @@ TRIAL_RATIOS = "ratios"
 TRIAL_SKIP_SET = "skip_set"
 TRIAL_BASELINE = "baseline"
 TRIAL_TARGET = "target_reduction"
-TRIAL_PROJECTED_FLOPS = "projected_flops_ratio"  # the FLOPs ratio a projected candidate was scaled to
+TRIAL_PROJECTED_COST = "projected_cost_ratio"  # the cost ratio a projected candidate was scaled to (the
+# space's cost: FLOPs, or the latency ratio its fit predicts)
 TRIAL_SEED_RULE_REDUCTION = "seed_rule_reduction"
 TRIAL_SEED_RULE_THRESHOLD = "seed_rule_threshold"
 TRIAL_RUN_ID = "mlflow_run_id"
@@ -42,7 +43,7 @@ STALE_REASON = "stale: worker stopped sending heartbeats"
 DUPLICATE_REEVAL_REASON = "re-evaluation taken by another worker"
 BUDGET_MET_REASON = "budget met by other workers"
 
-TRIAL_ATTRS = (TRIAL_RATIOS, TRIAL_SKIP_SET, TRIAL_BASELINE, TRIAL_TARGET, TRIAL_PROJECTED_FLOPS,
+TRIAL_ATTRS = (TRIAL_RATIOS, TRIAL_SKIP_SET, TRIAL_BASELINE, TRIAL_TARGET, TRIAL_PROJECTED_COST,
                TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD, TRIAL_RUN_ID, TRIAL_SCREENED_OUT,
                TRIAL_STOPPED_AT, TRIAL_FAIL_REASON, TRIAL_WORKER, TRIAL_HEARTBEAT, TRIAL_REEVAL_OF,
                TRIAL_RECOVERY_SEED)

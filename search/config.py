@@ -52,6 +52,45 @@ FROZEN_SEARCH_KEYS = ("objectives", "targets", "space", "warm_start")
 _UNFROZEN_LEAVES = ("cache_dir", "pool_cache_dir", "teacher_program")
 
 
+COSTS = ("flops", "latency")  # what search.targets can bound
+_TARGET = re.compile(r"^\s*(flops|latency)\s*(?:<=|:)\s*([0-9.eE+-]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """`search.targets` read: the cost every target bounds, and each target as a reduction of it (1 - the ratio)."""
+
+    cost: str
+    reductions: list[float]
+
+
+def parse_targets(values: Any, key: str = "search.targets") -> Targets:
+    """`search.targets`: plain numbers are FLOPs reductions (0.5: half the FLOPs); `latency<=0.6` (or `latency:0.6`,
+    which needs no quotes on the command line) bounds the latency ratio, `flops<=0.5` the FLOPs ratio. One cost per
+    study: candidates of one target compare at equal cost, and equal means one kind of cost."""
+    costs, reductions = set(), []
+    for value in values:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            cost, reduction = "flops", float(value)
+            if not 0.0 < reduction < 1.0:
+                raise ConfigError(f"{key}: {value} is not a FLOPs reduction in (0, 1)")
+        else:
+            match = _TARGET.match(str(value))
+            try:
+                ratio = float(match.group(2)) if match else float("nan")
+            except ValueError:
+                ratio = float("nan")
+            if not 0.0 < ratio < 1.0:
+                raise ConfigError(f"{key}: {value!r} is not a target: a FLOPs reduction in (0, 1), or "
+                                  "latency<=R / flops<=R (also latency:R) with a ratio R in (0, 1)")
+            cost, reduction = match.group(1), 1.0 - ratio
+        costs.add(cost)
+        reductions.append(round(reduction, 6))
+    if len(costs) > 1:
+        raise ConfigError(f"{key}={list(values)}: targets of one study bound one cost (FLOPs or latency), not both")
+    return Targets(cost=costs.pop() if costs else "flops", reductions=reductions)
+
+
 def objectives(names: list[str]) -> list[Objective]:
     """The configured objectives; `hmean` plus at least one cost, each named once."""
     unknown = [n for n in names if n not in OBJECTIVES]
@@ -93,11 +132,12 @@ def check_search_config(cfg: DictConfig) -> None:
         if measure[key] < low:
             raise ConfigError(f"measure.{key}={measure[key]}: must be >= {low}")
     check_rounds(measure.min_rounds, measure.max_rounds, measure.tolerance)
-    for key, targets in (("targets", search.targets), ("warm_start.seed_rule_targets",
-                                                        search.warm_start.seed_rule_targets)):
-        for target in targets:
-            if not 0.0 < target < 1.0:
-                raise ConfigError(f"search.{key}: {target} is not a FLOPs reduction in (0, 1)")
+    parse_targets(search.targets)
+    for target in search.warm_start.seed_rule_targets:
+        if not 0.0 < target < 1.0:
+            raise ConfigError(f"search.warm_start.seed_rule_targets: {target} is not a FLOPs reduction in (0, 1)")
+    if search.latency_model.plans < 3:
+        raise ConfigError(f"search.latency_model.plans={search.latency_model.plans}: need at least 3 measured plans")
     if not 0.0 < search.warm_start.tolerance < 1.0:
         raise ConfigError(f"search.warm_start.tolerance={search.warm_start.tolerance}: must be in (0, 1)")
     space = search.space

@@ -35,6 +35,7 @@ class TrialRecord:
     run_id: str
     baseline: str = ""          # "seed_rule", "unpruned" or ""
     target_reduction: float | None = None
+    target_cost: str = "flops"      # what the target reduces: flops or latency (the study's search.targets)
     feasible: bool = True
     agreement: float = math.nan     # generalization guard: hmean against the teacher's boxes on held-out images
     false_boxes: float = math.nan   # generalization guard: boxes per image where the teacher finds no text
@@ -49,6 +50,15 @@ class TrialRecord:
     @property
     def speedup(self) -> float:
         return 1.0 / self.latency_ratio
+
+    @property
+    def target_label(self) -> str:
+        """The target as the user wrote it: `-50%` (FLOPs reduction) or `lat<=0.60` (latency ratio); '' for none."""
+        if self.target_reduction is None:
+            return ""
+        if self.target_cost == "latency":
+            return f"lat<={1 - self.target_reduction:.2f}"
+        return f"-{self.target_reduction:.0%}"
 
 
 def _oriented(record: TrialRecord, objectives: Sequence[Objective]) -> tuple[float, ...]:
@@ -150,7 +160,7 @@ def format_front(front: Sequence[TrialRecord], chosen: int | None) -> str:
     lines = [f"{'trial':>5}  {'hmean':>6}  {'± sd':>6}  {'seeds':>5}  {'agree':>6}  {'false/img':>9}  "
              f"{'FLOPs red.':>10}  {'speed-up':>8}  {'plan':<18}  mlflow run"]
     for r in sorted(front, key=lambda r: r.flops_ratio):
-        base = (r.baseline or "searched") + (f" {r.target_reduction:.0%}" if r.target_reduction is not None else "")
+        base = (r.baseline or "searched") + (f" {r.target_label}" if r.target_label else "")
         mark = "  <- chosen" if r.number == chosen else ""
         spread = f"{r.hmean_sd:>6.4f}" if r.seeds > 1 else f"{'':>6}"
         lines.append(f"{r.number:>5}  {r.hmean:>6.4f}  {spread}  {r.seeds:>5}  {r.agreement:>6.4f}  "
@@ -186,7 +196,7 @@ def plot_front(records: Sequence[TrialRecord], front: Sequence[TrialRecord], cho
     for r in records:
         if r.baseline == "seed_rule":
             ax.scatter(getattr(r, cost), r.hmean, marker="s", facecolor="none", edgecolor="tab:blue", s=80)
-            ax.annotate(f"seed rule -{r.target_reduction:.0%}", (getattr(r, cost), r.hmean), fontsize=7,
+            ax.annotate(f"seed rule {r.target_label}", (getattr(r, cost), r.hmean), fontsize=7,
                         xytext=(4, -10), textcoords="offset points", color="tab:blue")
         elif r.baseline == "unpruned":
             ax.scatter(getattr(r, cost), r.hmean, marker="D", facecolor="none", edgecolor="black", s=70)

@@ -1,20 +1,24 @@
 """What a study is built on, computed once when it is created: the sensitivity table (the prior), the seed rule's
-plans at the warm-start FLOPs targets, the search space, and the unpruned model's measured cost (the reference
-every trial's ratios divide by).
+plans at the targets (FLOPs reductions, or latency ratios predicted by a fit timed on this machine), the search
+space, and the unpruned model's measured cost (the reference every trial's ratios divide by).
 """
 from __future__ import annotations
 
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import paddle
 from omegaconf import DictConfig
 
 from prune.groups import ChannelGroup, discover_groups
+from prune.latency import round_settings
+from prune.latency_model import LatencyModel, LatencyModelKey, cached_latency_model
 from prune.measure import Measurement
-from prune.seed_rule import SeedRulePlan, seed_rule_plan
+from prune.seed_rule import CostRatio, SeedRulePlan, seed_rule_plan
 from prune.sensitivity import SensitivityTable, table_for_config
+from search.config import parse_targets
 from search.objective import measure_model
 from search.space import SearchSpace, build_space, cut_counts
 from train.cli import print_warning
@@ -47,14 +51,15 @@ def without_groups(table: SensitivityTable, names: list[str]) -> SensitivityTabl
 
 
 def _seed_rule(cfg: DictConfig, model: paddle.nn.Layer, table: SensitivityTable, target: float,
-               groups: list[ChannelGroup]) -> SeedRulePlan | str:
-    """The seed rule's plan at `target` FLOPs reduction, or why it has none."""
+               groups: list[ChannelGroup], cost: CostRatio | None = None) -> SeedRulePlan | str:
+    """The seed rule's plan at `target` reduction of FLOPs (or of `cost`: the predicted latency), or why it has
+    none."""
     reason = ""
     for widening in _TOLERANCE_WIDENING:
         try:
             return seed_rule_plan(model, cfg.model.name, table, target, cfg.prune.criterion, cfg.prune.align,
                                   tuple(cfg.prune.input_size), cfg.search.warm_start.tolerance * widening,
-                                  groups=groups)
+                                  groups=groups, cost=cost, cost_name="FLOPs" if cost is None else "latency")
         except ConfigError as exc:
             reason = str(exc)
     return reason
@@ -78,6 +83,23 @@ def always_skip_groups(cfg: DictConfig) -> list[str]:
     return names
 
 
+def latency_model_for(cfg: DictConfig, model: paddle.nn.Layer) -> LatencyModel:
+    """The fit that predicts a plan's latency ratio on this machine, timed like every trial (`measure.*`), from the
+    cache or built there (`search.latency_model`)."""
+    settings = cfg.search.latency_model
+    key = LatencyModelKey(model=cfg.model.name, input_size=tuple(cfg.prune.input_size), threads=cfg.measure.threads,
+                          use_mkldnn=cfg.measure.use_mkldnn, align=cfg.prune.align, plans=settings.plans,
+                          seed=settings.seed)
+
+    def report(done: int, plan) -> None:
+        log.info("latency model: plan %d of %d timed, ratio %.3f", done, settings.plans, plan.ratio)
+
+    fitted = cached_latency_model(Path(settings.cache_dir).expanduser(), model, key, round_settings(cfg.measure),
+                                  report)
+    log.info("latency model: %d plans, fixed share %.3f", len(fitted.measured), fitted.shares["fixed"])
+    return fitted
+
+
 def help_scan(cfg: DictConfig, model: paddle.nn.Layer, groups: list[ChannelGroup], worker: str) -> None:
     """Measure the sensitivity table of `model` (the config's, as loaded) from its far end while another worker
     builds the prior (the shared scan of `prune.sensitivity.compute_sensitivity`): the builder merges what this
@@ -98,24 +120,29 @@ def build_prior(cfg: DictConfig) -> Prior:
                       "no text; raise sensitivity.images or use sensitivity.split=train")
 
     seed_table = without_groups(table, always_skip)
+    targets = parse_targets(cfg.search.targets)
+    fit = latency_model_for(cfg, model) if targets.cost == "latency" else None
+    cost = None if fit is None else fit.predict
     plans, skipped = [], {}
     # A projected space starts from the seed rule's plans at its targets; a free one at the warm start's targets.
-    for target in sorted(cfg.search.targets or cfg.search.warm_start.seed_rule_targets):
-        outcome = _seed_rule(cfg, model, seed_table, float(target), groups)
+    for target in sorted(targets.reductions or cfg.search.warm_start.seed_rule_targets):
+        outcome = _seed_rule(cfg, model, seed_table, float(target), groups, cost)
         if isinstance(outcome, str):
-            log.warning("warm start: no seed-rule plan at %.0f%% FLOPs reduction (%s)", 100 * target, outcome)
+            log.warning("warm start: no seed-rule plan at %.0f%% %s reduction (%s)", 100 * target, targets.cost,
+                        outcome)
             skipped[float(target)] = outcome
         else:
-            log.info("warm start: seed rule at %.0f%% FLOPs reduction -> %.1f%% (threshold %.4g)", 100 * target,
-                     100 * outcome.reduction, outcome.threshold)
+            log.info("warm start: seed rule at %.0f%% %s reduction -> %.1f%% (threshold %.4g)", 100 * target,
+                     targets.cost, 100 * outcome.reduction, outcome.threshold)
             plans.append(outcome)
 
     # A target the seed rule has no plan at is centred on the whole model: its candidates start uniform.
-    centres: dict[float, dict[str, int]] = {float(t): {} for t in cfg.search.targets}
+    centres: dict[float, dict[str, int]] = {float(t): {} for t in targets.reductions}
     centres.update({p.target_reduction: cut_counts(p.plan) for p in plans if p.target_reduction in centres})
     space = build_space(table, cfg.prune.align, cfg.search.space.loss_budget, always_skip,
                         tuple(cfg.search.space.skip_probability), warm_start=[cut_counts(p.plan) for p in plans],
                         centres=centres or None, max_offset=cfg.search.space.max_offset,
-                        tolerance=cfg.search.space.tolerance)
+                        tolerance=cfg.search.space.tolerance, cost=targets.cost,
+                        cost_model=None if fit is None else fit.stored())
     return Prior(table=table, space=space, seed_rule=plans,
                  reference=measure_model(model, cfg), skipped_targets=skipped)

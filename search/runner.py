@@ -21,14 +21,15 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from prune.budget import FlopsOfCounts
+from prune.budget import CostOfCounts
+from prune.latency_model import latency_predictor
 from prune.groups import discover_groups
 from prune.sensitivity.report import plot_curves, write_csv
 from search.app import TrialFailed, TrialOutcome, tracker_for
 from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, DUPLICATE_REEVAL_REASON,
                                FINISHED, STALE_REASON, STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE,
                                STUDY_SETTINGS, STUDY_SPACE, TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT,
-                               TRIAL_PROJECTED_FLOPS, TRIAL_RATIOS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, TRIAL_RUN_ID,
+                               TRIAL_PROJECTED_COST, TRIAL_RATIOS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, TRIAL_RUN_ID,
                                TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_STOPPED_AT, TRIAL_TARGET, TRIAL_WORKER,
                                Metric)
 from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, mask_url, objectives,
@@ -87,7 +88,7 @@ class StudyRunner:
         # Asked by this worker and not told yet: the trials its heartbeat vouches for.
         self.pending: list[Trial] = []
         self.crashed: list[int] = []  # trials of this invocation that failed on a bug (not a UserError)
-        self._flops: FlopsOfCounts | None = None
+        self._cost: CostOfCounts | None = None
 
     # -- 1 and 2: checks, study, prior, parent run ------------------------------------------------------------
     def prepare(self, on_open: Callable[[], None] | None = None) -> None:
@@ -327,12 +328,12 @@ class StudyRunner:
             if baseline == BASELINE_UNPRUNED and self.space.targets:  # (a free space has parameters for it)
                 candidate = Candidate(kept={}, skipped=tuple(g.name for g in self.space.groups))
             else:  # the seed rule's baselines are its own plans, not projected
-                candidate = suggest(trial, self.space, self._flops_ratio(), projected=baseline != BASELINE_SEED_RULE)
+                candidate = suggest(trial, self.space, self._cost_ratio(), projected=baseline != BASELINE_SEED_RULE)
             trial.set_user_attr(TRIAL_RATIOS, json.dumps(self.space.ratios(candidate)))
             trial.set_user_attr(TRIAL_SKIP_SET, self.space.skip_set(candidate))
             if candidate.target is not None:
                 trial.set_user_attr(TRIAL_TARGET, candidate.target)
-                trial.set_user_attr(TRIAL_PROJECTED_FLOPS, candidate.flops_ratio)
+                trial.set_user_attr(TRIAL_PROJECTED_COST, candidate.cost_ratio)
 
     def _open_reeval_jobs(self) -> list[ReevalJob] | None:
         """The budget is met: the re-evaluation jobs no trial holds (planned here if no worker did yet); None when
@@ -364,19 +365,22 @@ class StudyRunner:
                 give_up(self.study, trial.number, DUPLICATE_REEVAL_REASON)
                 continue
             original = trials[job.trial].user_attrs
-            for key in (TRIAL_RATIOS, TRIAL_SKIP_SET, TRIAL_TARGET, TRIAL_PROJECTED_FLOPS):
+            for key in (TRIAL_RATIOS, TRIAL_SKIP_SET, TRIAL_TARGET, TRIAL_PROJECTED_COST):
                 if key in original:
                     trial.set_user_attr(key, original[key])
             self.pending.append(trial)
 
-    def _flops_ratio(self) -> FlopsOfCounts | None:
-        """The FLOPs ratio of channel counts, for projecting candidates (a projected space only; built once)."""
+    def _cost_ratio(self) -> CostOfCounts | None:
+        """The cost ratio of channel counts that candidates are projected with (a projected space only; built once):
+        FLOPs, or the latency predicted by the fit the study stored with its space."""
         if not self.space.targets:
             return None
-        if self._flops is None:
-            self._flops = FlopsOfCounts(self.model, self.cfg.model.name, self.space.align,
-                                        tuple(self.cfg.prune.input_size), self.groups)
-        return self._flops
+        if self._cost is None:
+            size = tuple(self.cfg.prune.input_size)
+            fit = self.space.cost_model
+            cost = latency_predictor(fit["shares"], fit["reference"], size) if self.space.cost == "latency" else None
+            self._cost = CostOfCounts(self.model, self.cfg.model.name, self.space.align, size, self.groups, cost)
+        return self._cost
 
     def _tell(self, trial: Trial, job: JobReturn) -> None:
         try:

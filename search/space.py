@@ -8,12 +8,14 @@ that cannot be cut at this alignment, whose first measured ratio already exceeds
 in ``always_skip`` are fixed (never suggested). The space is stored in the study, so every invocation and worker
 searches the same one. Within the bounds, a candidate is drawn one of two ways.
 
-**Projected onto FLOPs targets** (``search.targets``, the default): candidates of one target compare at equal
-cost. The study suggests a ``target`` (a FLOPs reduction) and, per searchable group, ``offset:<group>``, a log2
-deviation in [-max_offset, max_offset] from the seed rule's plan at that target (its *centre*: the channels the
-seed rule keeps, the width for a group it leaves whole). The channels kept are ``centre * 2**offset * scale`` on the
-grid, within the bounds (past ``max_keep`` the group stays whole), and one ``scale`` for all groups is bisected
-until the plan's FLOPs ratio lies in [1 - target - tolerance, 1 - target]: on target, never over it (`project`).
+**Projected onto cost targets** (``search.targets``, the default): candidates of one target compare at equal
+cost. The space's ``cost`` is FLOPs (the default) or latency (its ratio predicted by a fit of
+`prune.latency_model`, stored in ``cost_model``). The study suggests a ``target`` (a reduction of that cost) and,
+per searchable group, ``offset:<group>``, a log2 deviation in [-max_offset, max_offset] from the seed rule's plan at
+that target (its *centre*: the channels the seed rule keeps, the width for a group it leaves whole). The channels
+kept are ``centre * 2**offset * scale`` on the grid, within the bounds (past ``max_keep`` the group stays whole), and
+one ``scale`` for all groups is bisected until the plan's cost ratio lies in [1 - target - tolerance, 1 - target]:
+on target, never over it (`project`).
 Offsets of 0 give the seed rule's own plan, so the sampler starts at the rule's plans and explores deviations
 from them, rather than random plans at random costs.
 
@@ -70,12 +72,13 @@ class GroupRange:
 @dataclass(frozen=True)
 class Candidate:
     """One point of the space: channels kept per cut group, and the searchable groups drawn to stay whole.
-    A projected candidate also has its `target` (FLOPs reduction) and the FLOPs ratio it was projected to."""
+    A projected candidate also has its `target` (a reduction of the space's cost) and the cost ratio it was
+    projected to."""
 
     kept: dict[str, int]
     skipped: tuple[str, ...]
     target: float | None = None
-    flops_ratio: float | None = None
+    cost_ratio: float | None = None
 
 
 @dataclass
@@ -86,10 +89,12 @@ class SearchSpace:
     loss_budget: float
     groups: list[GroupRange]
     fixed: dict[str, str] = field(default_factory=dict)
-    targets: list[float] = field(default_factory=list)           # FLOPs reductions; empty: a free space
+    targets: list[float] = field(default_factory=list)           # reductions of `cost`; empty: a free space
     centres: dict[str, dict[str, int]] = field(default_factory=dict)  # per target (`target_key`): kept per group
     max_offset: float = 0.5
     tolerance: float = 0.01
+    cost: str = "flops"                                          # what the targets bound: flops or latency
+    cost_model: dict = field(default_factory=dict)               # latency: the fit (LatencyModel.stored())
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -117,7 +122,8 @@ class SearchSpace:
                    groups=[GroupRange(**g) for g in data["groups"]], fixed=dict(data["fixed"]),
                    targets=[float(t) for t in data["targets"]],
                    centres={k: {g: int(n) for g, n in c.items()} for k, c in data["centres"].items()},
-                   max_offset=float(data["max_offset"]), tolerance=float(data["tolerance"]))
+                   max_offset=float(data["max_offset"]), tolerance=float(data["tolerance"]),
+                   cost=str(data.get("cost", "flops")), cost_model=dict(data.get("cost_model", {})))
 
 
 def target_key(target: float) -> str:
@@ -146,13 +152,14 @@ def cut_counts(plan: PruningPlan) -> dict[str, int]:
 def build_space(table: SensitivityTable, align: int, loss_budget: float, always_skip: Sequence[str],
                 skip_probability: tuple[float, float], warm_start: Sequence[Mapping[str, int]] = (),
                 centres: Mapping[float, Mapping[str, int]] | None = None, max_offset: float = 0.5,
-                tolerance: float = 0.01) -> SearchSpace:
+                tolerance: float = 0.01, cost: str = "flops", cost_model: Mapping | None = None) -> SearchSpace:
     """The space for the prunable groups of `table` (see the module docstring).
 
     `always_skip`: structured group names never cut (an unknown name is a ConfigError listing the groups).
     `warm_start`: plans the space must contain, as channels kept per cut group (`cut_counts`).
-    `centres`: per FLOPs target, the seed rule's plan there (channels kept per cut group): a projected space;
-    None: a free one. The centres are part of the warm start too.
+    `centres`: per target (a reduction of `cost`), the seed rule's plan there (channels kept per cut group): a
+    projected space; None: a free one. The centres are part of the warm start too. `cost_model`: what predicts a
+    latency cost (`prune.latency_model.LatencyModel.stored()`).
     """
     centres = dict(centres or {})
     warm_start = [*warm_start, *centres.values()]
@@ -186,24 +193,25 @@ def build_space(table: SensitivityTable, align: int, loss_budget: float, always_
                        targets=sorted(centres),
                        centres={target_key(t): {g.name: int(c.get(g.name, g.channels)) for g in groups}
                                 for t, c in centres.items()},
-                       max_offset=max_offset, tolerance=tolerance)
+                       max_offset=max_offset, tolerance=tolerance, cost=cost, cost_model=dict(cost_model or {}))
 
 
-FlopsRatio = Callable[[Mapping[str, int]], float]  # channels kept per cut group -> pruned / unpruned FLOPs
+CostRatio = Callable[[Mapping[str, int]], float]  # channels kept per cut group -> pruned / unpruned cost
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace, flops_ratio: FlopsRatio | None = None,
+def suggest(trial: optuna.Trial, space: SearchSpace, cost_ratio: CostRatio | None = None,
             projected: bool = True) -> Candidate:
-    """Draw a candidate through `trial`: projected onto a target with `flops_ratio` (`prune.budget`) when the
-    space has targets, else free (define-by-run: `keep:` only for groups that are cut). `projected=False` takes
-    the drawn shape at scale 1 as it is: the seed rule's baselines are its own plans, a little off target or not."""
+    """Draw a candidate through `trial`: projected onto a target with `cost_ratio` (`prune.budget.CostOfCounts` of
+    the space's cost) when the space has targets, else free (define-by-run: `keep:` only for groups that are cut).
+    `projected=False` takes the drawn shape at scale 1 as it is: the seed rule's baselines are its own plans, a
+    little off target or not."""
     if space.targets:
-        if flops_ratio is None:
-            raise ValueError("a projected search space needs the FLOPs ratio of a plan (flops_ratio)")
+        if cost_ratio is None:
+            raise ValueError("a projected search space needs the cost ratio of a plan (cost_ratio)")
         target = float(trial.suggest_categorical(TARGET_PARAM, space.targets))
         offsets = {g.name: trial.suggest_float(OFFSET_PREFIX + g.name, -space.max_offset, space.max_offset)
                    for g in space.groups}
-        return project(space, target, offsets, flops_ratio, to_target=projected)
+        return project(space, target, offsets, cost_ratio, to_target=projected)
     kept: dict[str, int] = {}
     skipped: list[str] = []
     for group in space.groups:
@@ -228,13 +236,13 @@ def counts_at(space: SearchSpace, centre: Mapping[str, int], offsets: Mapping[st
     return kept
 
 
-def project(space: SearchSpace, target: float, offsets: Mapping[str, float], flops_ratio: FlopsRatio,
+def project(space: SearchSpace, target: float, offsets: Mapping[str, float], cost_ratio: CostRatio,
             to_target: bool = True) -> Candidate:
-    """The candidate of shape `offsets` at `target`, with its FLOPs ratio in [1 - target - tolerance, 1 - target].
+    """The candidate of shape `offsets` at `target`, with its cost ratio in [1 - target - tolerance, 1 - target].
 
     One scale for every group's count is bisected (the module docstring); scale 1 is tried first, so the centre
     itself (offsets 0) stays the seed rule's plan when that is on target (`to_target=False` keeps scale 1
-    wherever its FLOPs are). The FLOPs curve of one scale is a
+    wherever its cost is). The cost curve of one scale is a
     staircase whose steps can be wider than the band (a narrow high-resolution group of the neck or head going
     from 16 channels to whole moves PP-OCRv4's FLOPs by up to 6%), so the largest plan under the budget is then
     filled up one grid step at a time, the groups furthest below their scaled counts first (`_fill`). If even
@@ -244,10 +252,10 @@ def project(space: SearchSpace, target: float, offsets: Mapping[str, float], flo
 
     def candidate(kept: dict[str, int], ratio: float) -> Candidate:
         return Candidate(kept=kept, skipped=tuple(g.name for g in space.groups if g.name not in kept),
-                         target=target, flops_ratio=ratio)
+                         target=target, cost_ratio=ratio)
 
     kept = counts_at(space, centre, offsets, 1.0)
-    ratio = flops_ratio(kept)
+    ratio = cost_ratio(kept)
     if not to_target or goal - space.tolerance <= ratio <= goal:
         return candidate(kept, ratio)
     low, high = (-8.0, 0.0) if ratio > goal else (0.0, 8.0)
@@ -255,7 +263,7 @@ def project(space: SearchSpace, target: float, offsets: Mapping[str, float], flo
     for _ in range(PROJECTION_STEPS):
         middle = (low + high) / 2
         kept = counts_at(space, centre, offsets, 2.0 ** middle)
-        ratio = flops_ratio(kept)
+        ratio = cost_ratio(kept)
         if ratio <= goal:
             low, best = middle, (kept, ratio)
             if ratio >= goal - space.tolerance:
@@ -264,15 +272,15 @@ def project(space: SearchSpace, target: float, offsets: Mapping[str, float], flo
             high = middle
     if best is None:
         kept = counts_at(space, centre, offsets, 2.0 ** -8.0)
-        return candidate(kept, flops_ratio(kept))
+        return candidate(kept, cost_ratio(kept))
     wanted = {g.name: centre[g.name] * 2.0 ** (offsets.get(g.name, 0.0) + high) for g in space.groups}
-    return candidate(*_fill(space, *best, wanted, goal, flops_ratio))
+    return candidate(*_fill(space, *best, wanted, goal, cost_ratio))
 
 
 def _fill(space: SearchSpace, kept: dict[str, int], ratio: float, wanted: Mapping[str, float], goal: float,
-          flops_ratio: FlopsRatio) -> tuple[dict[str, int], float]:
-    """Grow `kept` (FLOPs `ratio` <= `goal`) one grid step per group, most wanted first (`wanted`: unrounded
-    counts of the first scale over the budget), while the FLOPs stay <= `goal`, until they reach the band."""
+          cost_ratio: CostRatio) -> tuple[dict[str, int], float]:
+    """Grow `kept` (cost `ratio` <= `goal`) one grid step per group, most wanted first (`wanted`: unrounded
+    counts of the first scale over the budget), while the cost stays <= `goal`, until it reaches the band."""
     by_name = {g.name: g for g in space.groups}
     grown = True
     while grown and ratio < goal - space.tolerance:
@@ -284,7 +292,7 @@ def _fill(space: SearchSpace, kept: dict[str, int], ratio: float, wanted: Mappin
                 trial[name] = kept[name] + space.align
             else:
                 del trial[name]  # the next step up is the whole group
-            trial_ratio = flops_ratio(trial)
+            trial_ratio = cost_ratio(trial)
             if trial_ratio <= goal:
                 kept, ratio, grown = trial, trial_ratio, True
                 if ratio >= goal - space.tolerance:

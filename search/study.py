@@ -26,9 +26,9 @@ from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError
 from optuna.trial import FrozenTrial, TrialState
 
-from search.attributes import (FINISHED, STALE_REASON, STUDY_WARM_STARTED, TRIAL_BASELINE, TRIAL_FAIL_REASON,
-                               TRIAL_HEARTBEAT, TRIAL_RATIOS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, TRIAL_RUN_ID,
-                               TRIAL_SKIP_SET, TRIAL_TARGET, WARM_START_ATTRS, Metric)
+from search.attributes import (FINISHED, STALE_REASON, STUDY_SPACE, STUDY_WARM_STARTED, TRIAL_BASELINE,
+                               TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_RATIOS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF,
+                               TRIAL_RUN_ID, TRIAL_SKIP_SET, TRIAL_TARGET, WARM_START_ATTRS, Metric)
 from search.config import Objective, mask_url
 from search.pareto import TrialRecord
 from search.reeval import SEED_METRICS, is_reeval
@@ -298,6 +298,7 @@ def trial_records(study: optuna.Study, constraints: Mapping[str, float | None]) 
     the means; each re-evaluation is also a record of its own (`reeval_of`), with its single seed's figures.
     """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    target_cost = study.user_attrs.get(STUDY_SPACE, {}).get("cost", "flops")
     seeds: dict[int, list[Mapping[str, Any]]] = {}
     for t in complete:
         if is_reeval(t.user_attrs):
@@ -316,8 +317,8 @@ def trial_records(study: optuna.Study, constraints: Mapping[str, float | None]) 
             recall=float(a[Metric.RECALL]), flops_ratio=float(a[Metric.FLOPS_RATIO]),
             latency_ratio=float(a[Metric.LATENCY_RATIO]), params=int(a[Metric.PARAMS]),
             run_id=str(a.get(TRIAL_RUN_ID, "")), baseline=a.get(TRIAL_BASELINE, ""),
-            target_reduction=a.get(TRIAL_TARGET), agreement=float(a.get(Metric.AGREEMENT, math.nan)),
-            false_boxes=float(a.get(Metric.FALSE_BOXES, math.nan)),
+            target_reduction=a.get(TRIAL_TARGET), target_cost=target_cost,
+            agreement=float(a.get(Metric.AGREEMENT, math.nan)), false_boxes=float(a.get(Metric.FALSE_BOXES, math.nan)),
             feasible=all(v <= 0 for v in constraint_values(a, constraints)), seeds=len(runs),
             hmean_sd=float(np.std(hmeans, ddof=1)) if len(runs) > 1 else math.nan,
             reeval_of=a.get(TRIAL_REEVAL_OF)))

@@ -6,7 +6,8 @@ from hydra import compose, initialize_config_dir
 
 import train.data.source  # noqa: F401  (registers the data.generator schema the data configs use)
 from conftest import REPO
-from search.config import check_same_settings, check_search_config, frozen_settings, objectives, study_constraints
+from search.config import (Targets, check_same_settings, check_search_config, frozen_settings, objectives,
+                           parse_targets, study_constraints)
 from train.errors import ConfigError
 
 
@@ -30,6 +31,10 @@ def test_default_config_composes_and_passes():
     ("search.n_trials=0", "search.n_trials=0"),
     ("search.warm_start.seed_rule_targets=[0.3,1.2]", "1.2 is not a FLOPs reduction"),
     ("search.targets=[0.5,0]", "search.targets: 0 is not a FLOPs reduction"),
+    ("search.targets=[latency:1.2]", "search.targets: 'latency:1.2' is not a target"),
+    ("search.targets=[speed:0.5]", "search.targets: 'speed:0.5' is not a target"),
+    ("search.targets=[0.5,latency:0.6]", "targets of one study bound one cost"),
+    ("search.latency_model.plans=2", "search.latency_model.plans=2: need at least 3"),
     ("search.space.max_offset=0", "search.space.max_offset=0"),
     ("search.space.tolerance=0.5", "search.space.tolerance=0.5"),
     ("search.space.skip_probability=[0.5,0.1]", "skip_probability"),
@@ -42,6 +47,14 @@ def test_default_config_composes_and_passes():
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         check_search_config(_compose(override))
+
+
+def test_targets_read_as_reductions_of_one_cost():
+    assert parse_targets([0.3, 0.5]) == Targets("flops", [0.3, 0.5])
+    assert parse_targets(["latency<=0.6", "latency:0.45"]) == Targets("latency", [0.4, 0.55])
+    assert parse_targets(["flops<=0.5", 0.3]) == Targets("flops", [0.5, 0.3])
+    assert parse_targets([]) == Targets("flops", [])
+    check_search_config(_compose("search.targets=[latency:0.6,latency:0.5]"))
 
 
 def test_the_guard_threshold_is_a_constraint_of_the_study():

@@ -59,7 +59,7 @@ def test_study_has_the_budget_of_finished_trials_with_the_warm_start_first(study
         target = t.user_attrs["target_reduction"]
         assert target in (0.3, 0.5) and t.params["target"] == target
         assert 1 - target - 0.01 <= t.user_attrs["flops_ratio"] <= 1 - target
-        assert t.user_attrs["flops_ratio"] == pytest.approx(t.user_attrs["projected_flops_ratio"])
+        assert t.user_attrs["flops_ratio"] == pytest.approx(t.user_attrs["projected_cost_ratio"])
     # Unrecalibrated pruned candidates score 0 at screening, so with margin 0 every sampled one that costs no less
     # than the seed rule's -50% plan is screened out; the budget counts them.
     assert any(t.state == TrialState.PRUNED for t in trials)

@@ -1,14 +1,17 @@
 """The search space from the sensitivity prior: bounds, alignment, skip priors, always-skip, warm-start round trip,
-and candidates projected onto FLOPs targets (measured on the real PP-OCRv4 det)."""
+and candidates projected onto FLOPs or latency targets (measured on the real PP-OCRv4 det)."""
 from __future__ import annotations
+
+import copy
 
 import optuna
 import pytest
 
 from prune.groups import discover_groups
-from prune.plan import keep_count, make_plan
+from prune.latency_model import cost_features, latency_predictor
+from prune.plan import apply_plan, keep_count, make_plan
 from prune.sensitivity import SensitivityKey, SensitivityTable
-from prune.budget import FlopsOfCounts
+from prune.budget import CostOfCounts
 from prune.seed_rule import seed_rule_plan
 from search.prior import without_groups
 from search.space import (FIXED_ALWAYS_SKIP, FIXED_OVER_BUDGET, FIXED_TOO_NARROW, KEEP_PREFIX, OFFSET_PREFIX,
@@ -159,7 +162,7 @@ def real():
                    prunable)
     seed = seed_rule_plan(model, "ppocrv4_det", without_groups(table, [STEM]), 0.5, align=8, input_size=SIZE,
                           tolerance=0.01, groups=groups)
-    return model, groups, table, seed, FlopsOfCounts(model, "ppocrv4_det", 8, SIZE, groups)
+    return model, groups, table, seed, CostOfCounts(model, "ppocrv4_det", 8, SIZE, groups)
 
 
 def _projected(real, **kwargs) -> SearchSpace:
@@ -176,11 +179,11 @@ def test_projected_candidates_land_on_target_within_tolerance_never_over(real):
     for _ in range(6):
         candidate = suggest(study.ask(), space, flops)
         goal = 1.0 - candidate.target
-        assert goal - 0.01 <= candidate.flops_ratio <= goal, candidate
+        assert goal - 0.01 <= candidate.cost_ratio <= goal, candidate
         # The ratio is the real one of the plan the trial will make (ranked channels, not the first ones).
         plan = make_plan(model, "ppocrv4_det", space.ratios(candidate), "fpgm", 8, SIZE, groups)
         assert cut_counts(plan) == candidate.kept
-        assert flops(candidate.kept) == pytest.approx(candidate.flops_ratio)
+        assert flops(candidate.kept) == pytest.approx(candidate.cost_ratio)
         assert set(candidate.kept).isdisjoint(candidate.skipped)
         assert all(keep % 8 == 0 for keep in candidate.kept.values())
 
@@ -195,9 +198,9 @@ def test_the_centre_of_a_target_is_the_seed_rules_plan(real):
         study.enqueue_trial(params_for_target(space, 0.5))
     candidate = suggest(study.ask(), space, flops, projected=False)
     assert candidate.kept == cut_counts(seed.plan)
-    assert candidate.flops_ratio == pytest.approx(seed.flops_ratio, abs=1e-6)
+    assert candidate.cost_ratio == pytest.approx(seed.flops_ratio, abs=1e-6)
     projected = suggest(study.ask(), space, flops)
-    assert 0.49 <= projected.flops_ratio <= 0.5
+    assert 0.49 <= projected.cost_ratio <= 0.5
     if 0.49 <= seed.flops_ratio <= 0.5:
         assert projected.kept == candidate.kept
     with pytest.raises(ConfigError, match="target 0.7 is not a target of the search space"):
@@ -213,7 +216,7 @@ def test_offsets_change_the_shape_not_the_cost(real):
     harder = project(space, 0.5, {name: -0.5}, flops)
     assert harder.kept[name] < centre[name]
     assert sum(harder.kept.values()) - harder.kept[name] >= sum(centre.values()) - centre[name]
-    assert 0.49 <= harder.flops_ratio <= 0.5
+    assert 0.49 <= harder.cost_ratio <= 0.5
 
 
 def test_a_target_without_a_seed_rule_plan_starts_uniform(real):
@@ -221,7 +224,7 @@ def test_a_target_without_a_seed_rule_plan_starts_uniform(real):
     space = _projected(real)
     assert all(space.centres["0.3"][g.name] == g.channels for g in space.groups)
     candidate = project(space, 0.3, {}, flops)
-    assert 0.69 <= candidate.flops_ratio <= 0.7
+    assert 0.69 <= candidate.cost_ratio <= 0.7
     shares = [candidate.kept.get(g.name, g.channels) / g.channels for g in space.groups]
     assert max(shares) - min(shares) < 0.5  # one scale for every group, up to the grid and the bounds
 
@@ -231,7 +234,7 @@ def test_projected_space_round_trips_and_needs_the_flops(real):
     assert SearchSpace.from_json(space.to_json()) == space
     assert space.targets == [0.3, 0.5]
     trial = optuna.create_study().ask()
-    with pytest.raises(ValueError, match="needs the FLOPs ratio"):
+    with pytest.raises(ValueError, match="needs the cost ratio"):
         suggest(trial, space)
     assert TARGET_PARAM not in trial.params and not any(k.startswith(OFFSET_PREFIX) for k in trial.params)
 
@@ -243,3 +246,23 @@ def test_counts_off_the_grid_or_not_a_cut_are_refused(real):
     for bad in (channels, 12, 0):
         with pytest.raises(ConfigError, match=f"group '{name}': cannot keep {bad} channels"):
             flops({name: bad})
+
+
+def test_latency_targets_project_on_the_predicted_latency(real):
+    """A latency space projects with a fit's prediction (here fixed shares on the real model's costs): candidates
+    land in the band of the predicted latency ratio, and the space keeps the fit through its JSON."""
+    model, groups, _, _, flops = real
+    shares = {"fixed": 0.05, "dense": 0.3, "pointwise": 0.05, "depthwise": 0.0, "transposed": 0.05,
+              "conv_output": 0.55}
+    reference = cost_features(model, SIZE)
+    latency = CostOfCounts(model, "ppocrv4_det", 8, SIZE, groups, latency_predictor(shares, reference, SIZE))
+    space = _projected(real, cost="latency", cost_model={"shares": shares, "reference": reference})
+    assert SearchSpace.from_json(space.to_json()) == space
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
+    for _ in range(3):
+        candidate = suggest(study.ask(), space, latency)
+        assert 1.0 - candidate.target - 0.01 <= candidate.cost_ratio <= 1.0 - candidate.target, candidate
+        plan = make_plan(model, "ppocrv4_det", space.ratios(candidate), "fpgm", 8, SIZE, groups)
+        pruned = apply_plan(copy.deepcopy(model), plan, groups)
+        assert latency.cost(pruned) == pytest.approx(candidate.cost_ratio)
+        assert flops(candidate.kept) < candidate.cost_ratio  # FLOPs fall faster than this latency

@@ -1,9 +1,11 @@
-"""The seed recipe's threshold rule: PaddleSlim's interpolation, and a bisection that really hits the target."""
+"""The seed recipe's threshold rule: PaddleSlim's interpolation, and a bisection that really hits the target (of
+FLOPs, or of another cost such as a predicted latency)."""
 from __future__ import annotations
 
 import pytest
 
 from prune.groups import discover_groups
+from prune.latency_model import cost_features, latency_predictor
 from prune.measure import count_flops
 from prune.plan import apply_plan
 from prune.seed_rule import ratios_at_threshold, seed_rule_plan
@@ -58,3 +60,25 @@ def test_unreachable_target_names_the_reachable_range(model_and_table):
     model, groups, table = model_and_table
     with pytest.raises(ConfigError, match="cannot remove 100% of FLOPs"):
         seed_rule_plan(model, "ppocrv4_det", table, 0.999, input_size=SIZE, groups=groups)
+
+
+# A fit's shares where the convs' output volume counts most (as measured on PP-OCRv4 det, README "Predicting a
+# plan's latency"): a prediction that does not follow FLOPs.
+SHARES = {"fixed": 0.05, "dense": 0.3, "pointwise": 0.05, "depthwise": 0.0, "transposed": 0.05, "conv_output": 0.55}
+
+
+def test_bisection_aims_at_another_cost_of_the_pruned_model(model_and_table):
+    """Bisected on a predicted latency ratio, the rule lands on that cost, at another FLOPs than on FLOPs."""
+    model, groups, table = model_and_table
+    latency = latency_predictor(SHARES, cost_features(model, SIZE), SIZE)
+    result = seed_rule_plan(model, "ppocrv4_det", table, 0.3, align=8, input_size=SIZE, groups=groups, cost=latency,
+                            cost_name="latency")
+    assert abs(result.reduction - 0.3) <= 0.01
+    pruned = apply_plan(load_detector("ppocrv4_det", "pretrained"), result.plan)
+    assert latency(pruned) == pytest.approx(result.cost_ratio) and count_flops(pruned, SIZE) == result.flops
+    on_flops = seed_rule_plan(model, "ppocrv4_det", table, 0.3, align=8, input_size=SIZE, groups=groups)
+    # The output volume shrinks slower than the FLOPs: -30% latency needs a higher threshold than -30% FLOPs.
+    assert result.flops_ratio < result.cost_ratio and result.threshold > on_flops.threshold
+    with pytest.raises(ConfigError, match="cannot remove 97% of latency"):
+        seed_rule_plan(model, "ppocrv4_det", table, 0.97, input_size=SIZE, groups=groups, cost=latency,
+                       cost_name="latency")

@@ -1,0 +1,74 @@
+"""A study aimed at latency (`search.targets=[latency:R]`): the latency fit is timed once and stored with the
+space, the seed rule's plan and every sampled candidate are placed by its prediction, and the trials record the
+predicted ratio beside the measured one."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import optuna
+import pytest
+
+from conftest import STUDY, TEST_CPU_LOCK, TINY_SEARCH, run_cli
+from prune.budget import plan_of_counts
+from prune.groups import discover_groups
+from prune.latency_model import FEATURES, FIXED, latency_predictor
+from prune.plan import apply_plan, keep_count
+from search.attributes import STUDY_SPACE, TRIAL_BASELINE, TRIAL_PROJECTED_COST, TRIAL_TARGET
+from search.space import SearchSpace
+from train.locks import cpu_work
+from train.weights import load_detector
+
+SIZE = (320, 320)  # timed at TINY_SEARCH's 64x64 the fit is mostly noise (a forward takes ~2 ms)
+
+
+def test_a_latency_target_study_projects_on_the_stored_fit(tmp_path):
+    out = tmp_path / "study"
+    env = dict(os.environ, OCRDET_CACHE_DIR=str(tmp_path / "cache"))
+    env.setdefault("OMP_NUM_THREADS", "2")
+    args = ["multirun", *TINY_SEARCH, "search.targets=[latency:0.9]", "search.latency_model.plans=3",
+            f"prune.input_size=[{SIZE[0]},{SIZE[1]}]", "measure.max_rounds=24", "search.objectives=[hmean,latency]", "search.n_trials=4",
+            "search.screening.enabled=false", "search.select.min_agreement=null", "search.select.max_flops_ratio=null",
+            f"out_dir={out}"]
+    with cpu_work(TEST_CPU_LOCK):
+        proc = run_cli("search", args, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("chosen_trial=")
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db")
+    space = SearchSpace.from_json(study.user_attrs[STUDY_SPACE])
+    assert space.cost == "latency" and space.targets == [pytest.approx(0.1)]
+    fit = space.cost_model
+    assert fit["plans"] == 3 and set(fit["shares"]) == {FIXED, *FEATURES}
+    assert sum(fit["shares"].values()) == pytest.approx(1.0)
+    assert list((tmp_path / "cache" / "latency_model").glob("ppocrv4_det-*.json")), "the fit was not cached"
+
+    assert fit["shares"][FIXED] < 0.9, fit  # something shrinks with channels
+    # What the stored fit predicts for a trial's plan, recomputed here, and for the smallest plan of the space (a
+    # target below it cannot be reached: candidates are that plan).
+    model = load_detector("ppocrv4_det", "pretrained")
+    groups = discover_groups(model)
+    channels = {g.name: g.channels for g in groups if g.prunable}
+    predict = latency_predictor(fit["shares"], fit["reference"], SIZE)
+
+    def predicted(kept: dict[str, int]) -> float:
+        plan = plan_of_counts("ppocrv4_det", kept, channels, 8, SIZE)
+        return predict(apply_plan(copy.deepcopy(model), plan, groups))
+
+    floor = predicted({g.name: g.min_keep for g in space.groups})
+    trials = [t for t in study.trials if t.state.is_finished()]
+    assert len(trials) == 4
+    seed_rule = [t for t in trials if t.user_attrs.get(TRIAL_BASELINE) == "seed_rule"]
+    sampled = [t for t in trials if not t.user_attrs.get(TRIAL_BASELINE)]
+    assert len(seed_rule) == 1 and sampled
+    for t in seed_rule + sampled:
+        assert t.user_attrs[TRIAL_TARGET] == pytest.approx(0.1)
+        ratios = json.loads(t.user_attrs["ratios"])
+        kept = {name: keep_count(channels[name], ratio, 8) for name, ratio in ratios.items()
+                if keep_count(channels[name], ratio, 8) < channels[name]}
+        assert t.user_attrs[TRIAL_PROJECTED_COST] == pytest.approx(predicted(kept), rel=1e-6)
+        assert t.user_attrs["latency_ratio_low"] <= t.user_attrs["latency_ratio"] <= t.user_attrs["latency_ratio_high"]
+    assert abs(seed_rule[0].user_attrs[TRIAL_PROJECTED_COST] - 0.9) <= 0.04  # the rule's band, widened at a jump
+    for t in sampled:
+        assert t.user_attrs[TRIAL_PROJECTED_COST] <= max(0.9, floor) + 1e-9
+    assert "lat<=0.90" in proc.stdout  # the Pareto table names the target as it was given
