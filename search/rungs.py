@@ -3,10 +3,10 @@
 A trial's budget is its recovery (`finetune.steps`). At each rung (`search.rungs.steps`, recovery steps below the
 budget) the candidate's hmean on the eval split is written to the study (`rung:<steps>`), and the candidate stops
 when another trial of its cost scored at least `search.rungs.margin` higher at the same rung: in a projected space
-a trial at the same FLOPs target (they cost the same within the space's tolerance), in a free space one that costs
-no more. It is told to Optuna as PRUNED (`stopped_at`), like a screened-out candidate: it counts towards
-`search.n_trials` and the sampler learns to avoid its region, while the recovery steps and the guard it no longer
-runs go to the next candidate.
+a trial at the same target (FLOPs or predicted latency: they cost the same within the space's tolerance), in a free
+space one that costs no more. It is told to Optuna as PRUNED (`stopped_at`), like a screened-out candidate: it counts
+towards `search.n_trials` and the sampler learns to avoid its region, while the recovery steps and the guard it no
+longer runs go to the next candidate.
 
 Optuna's own pruners need `Trial.report`, which a multi-objective study (hmean and a cost) does not support, so the
 rung scores are trial attributes and the rule is this module's; the trial is still told PRUNED.

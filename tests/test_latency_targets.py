@@ -28,7 +28,8 @@ def test_a_latency_target_study_projects_on_the_stored_fit(tmp_path):
     env = dict(os.environ, OCRDET_CACHE_DIR=str(tmp_path / "cache"))
     env.setdefault("OMP_NUM_THREADS", "2")
     args = ["multirun", *TINY_SEARCH, "search.targets=[latency:0.9]", "search.latency_model.plans=3",
-            f"prune.input_size=[{SIZE[0]},{SIZE[1]}]", "measure.max_rounds=24", "search.objectives=[hmean,latency]", "search.n_trials=4",
+            f"prune.input_size=[{SIZE[0]},{SIZE[1]}]", "measure.max_rounds=24", "search.objectives=[hmean,latency]",
+            "search.n_trials=4",
             "search.screening.enabled=false", "search.select.min_agreement=null", "search.select.max_flops_ratio=null",
             f"out_dir={out}"]
     with cpu_work(TEST_CPU_LOCK):
