@@ -21,8 +21,7 @@ from train.errors import ConfigError
 from train.inference import InferenceSession, compile_program, on_cpu, worth_compiling
 from train.loss import DBLoss
 from train.models.db_head import THRESH_INITS
-from train.models.pplcnet_v3 import LearnableRepLayer
-from train.models.training_form import fuse, unfuse
+from train.models.training_form import fuse, has_fused_layers, unfuse
 from train.trainer import Batch, FinetuneResult, FinetuneSettings, finetune
 
 MAP_LOSSES = ("kl", "l2", "dice")
@@ -172,7 +171,7 @@ class TeacherTargets(paddle.nn.Layer):
     def forward(self, images: paddle.Tensor) -> list[paddle.Tensor]:
         backbone = list(self.teacher.backbone(images))
         neck = self.teacher.neck(backbone)
-        return [*backbone, neck, self.teacher.head.binarize(neck)]
+        return [*backbone, neck, self.teacher.head.shrink_map(neck)]
 
 
 class DistillationLoss:
@@ -322,8 +321,7 @@ def recover(
     """
     student.head.init_thresh(settings.thresh_init)
     dataset = recovery_dataset(train_set, settings)
-    unfused = settings.training_form and any(
-        isinstance(layer, LearnableRepLayer) and layer.is_repped for layer in student.sublayers())
+    unfused = settings.training_form and has_fused_layers(student)
     if unfused:  # only the training form needs the calibration crops (its BN statistics, the fusion check)
         probe = _calibration_images(dataset, settings)
         unfuse(student, probe)

@@ -135,8 +135,12 @@ class DBHead(nn.Layer):
         for key, tensor in target.items():
             tensor.set_value(source[key][tuple(slice(0, n) for n in tensor.shape)])
 
+    def shrink_map(self, x: paddle.Tensor) -> paddle.Tensor:
+        """The probability (shrink) map alone, in either mode: what inference returns and distillation targets."""
+        return self.binarize(x)
+
     def forward(self, x: paddle.Tensor) -> dict[str, paddle.Tensor]:
-        shrink = self.binarize(x)
+        shrink = self.shrink_map(x)
         if not self.training:
             return {"maps": shrink}
         thresh = self.thresh(x)

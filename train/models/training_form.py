@@ -34,6 +34,11 @@ def _fused_layers(model: nn.Layer) -> dict[str, LearnableRepLayer]:
             if isinstance(layer, LearnableRepLayer) and layer.is_repped}
 
 
+def has_fused_layers(model: nn.Layer) -> bool:
+    """Whether ``model`` has fused re-parameterizable layers that ``unfuse`` can write back in training form."""
+    return bool(_fused_layers(model))
+
+
 @paddle.no_grad()
 def conv_statistics(model: nn.Layer, images: Iterable[paddle.Tensor]) -> Statistics:
     """Per fused ``LearnableRepLayer``: mean and variance of each output channel of its conv (bias excluded),
