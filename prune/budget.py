@@ -17,6 +17,8 @@ from prune.measure import count_flops
 from prune.plan import PruningPlan, apply_plan
 from train.errors import ConfigError
 
+ModelCost = Callable[[paddle.nn.Layer], float]  # a pruned model -> its cost / the unpruned model's (1.0 for it)
+
 
 def plan_of_counts(model_name: str, kept: Mapping[str, int], channels: Mapping[str, int], align: int,
                    input_size: tuple[int, int]) -> PruningPlan:
@@ -37,7 +39,7 @@ class CostOfCounts:
 
     def __init__(self, model: paddle.nn.Layer, model_name: str, align: int, input_size: tuple[int, int],
                  groups: list[ChannelGroup] | None = None,
-                 cost: Callable[[paddle.nn.Layer], float] | None = None):
+                 cost: ModelCost | None = None):
         self.model = model
         self.model_name = model_name
         self.align = align

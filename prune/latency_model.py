@@ -42,7 +42,7 @@ from omegaconf import DictConfig
 from paddle import nn
 from scipy.optimize import nnls
 
-from prune.budget import plan_of_counts
+from prune.budget import ModelCost, plan_of_counts
 from prune.groups import ChannelGroup, discover_groups
 from prune.latency import LatencyRatio, interleaved_ratio, round_settings
 from prune.measure import conv_macs, hooked_forward
@@ -106,7 +106,7 @@ def predict_ratio(shares: Mapping[str, float], features: Mapping[str, float]) ->
 
 
 def latency_predictor(shares: Mapping[str, float], reference: Mapping[str, float],
-                      input_size: tuple[int, int]) -> Callable[[nn.Layer], float]:
+                      input_size: tuple[int, int]) -> ModelCost:
     """A pruned model -> its predicted latency ratio, from a fit's shares and the unpruned model's costs."""
     return lambda model: predict_ratio(shares, relative_features(cost_features(model, tuple(input_size)), reference))
 

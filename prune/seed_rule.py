@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import paddle
 
+from prune.budget import ModelCost
 from prune.groups import ChannelGroup, discover_groups
 from prune.measure import count_flops
 from prune.plan import PruningPlan, apply_plan, make_plan
@@ -43,13 +43,10 @@ def ratios_at_threshold(table: SensitivityTable, threshold: float, max_ratio: fl
     return ratios
 
 
-CostRatio = Callable[[paddle.nn.Layer], float]  # a pruned model -> its cost / the unpruned model's
-
-
 @dataclass
 class SeedRulePlan:
     """A seed-rule plan and how close it came: `flops_ratio` = pruned / unpruned inference FLOPs; `cost_ratio` the
-    cost it was bisected on (the FLOPs ratio unless another cost was given), `reduction` = 1 - `cost_ratio`."""
+    ratio of the cost it was bisected on (the FLOPs ratio unless another cost was given)."""
 
     plan: PruningPlan
     threshold: float
@@ -57,7 +54,7 @@ class SeedRulePlan:
     flops: int
     base_flops: int
     iterations: int
-    cost_ratio: float | None = None
+    cost_ratio: float
 
     @property
     def flops_ratio(self) -> float:
@@ -65,7 +62,7 @@ class SeedRulePlan:
 
     @property
     def reduction(self) -> float:
-        return 1.0 - (self.flops_ratio if self.cost_ratio is None else self.cost_ratio)
+        return 1.0 - self.cost_ratio
 
 
 def seed_rule_plan(
@@ -79,7 +76,7 @@ def seed_rule_plan(
     tolerance: float = 0.01,
     max_iterations: int = 40,
     groups: list[ChannelGroup] | None = None,
-    cost: CostRatio | None = None,
+    cost: ModelCost | None = None,
     cost_name: str = "FLOPs",
 ) -> SeedRulePlan:
     """Bisect the loss threshold until the plan removes `target_reduction` (± `tolerance`) of inference FLOPs, or of
@@ -103,8 +100,7 @@ def seed_rule_plan(
 
     def found(best: tuple, iteration: int) -> SeedRulePlan:
         plan, threshold, _, flops, ratio = best
-        return SeedRulePlan(plan, threshold, target_reduction, flops, base_flops, iteration,
-                            None if cost is None else ratio)
+        return SeedRulePlan(plan, threshold, target_reduction, flops, base_flops, iteration, ratio)
 
     low, high = 0.0, float(max(np.nanmax(table.curve(g)) for g in table.groups))
     plan, flops, ratio = evaluate(high)

@@ -53,7 +53,7 @@ _UNFROZEN_LEAVES = ("cache_dir", "pool_cache_dir", "teacher_program")
 
 
 COSTS = ("flops", "latency")  # what search.targets can bound
-_TARGET = re.compile(r"^\s*(flops|latency)\s*(?:<=|:)\s*([0-9.eE+-]+)\s*$")
+_TARGET = re.compile(rf"^\s*({'|'.join(COSTS)})\s*(?:<=|:)\s*([0-9.eE+-]+)\s*$")
 
 
 @dataclass(frozen=True)

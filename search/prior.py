@@ -16,7 +16,8 @@ from prune.groups import ChannelGroup, discover_groups
 from prune.latency import round_settings
 from prune.latency_model import LatencyModel, LatencyModelKey, cached_latency_model
 from prune.measure import Measurement
-from prune.seed_rule import CostRatio, SeedRulePlan, seed_rule_plan
+from prune.budget import ModelCost
+from prune.seed_rule import SeedRulePlan, seed_rule_plan
 from prune.sensitivity import SensitivityTable, table_for_config
 from search.config import parse_targets
 from search.objective import measure_model
@@ -51,7 +52,7 @@ def without_groups(table: SensitivityTable, names: list[str]) -> SensitivityTabl
 
 
 def _seed_rule(cfg: DictConfig, model: paddle.nn.Layer, table: SensitivityTable, target: float,
-               groups: list[ChannelGroup], cost: CostRatio | None = None) -> SeedRulePlan | str:
+               groups: list[ChannelGroup], cost: ModelCost | None = None) -> SeedRulePlan | str:
     """The seed rule's plan at `target` reduction of FLOPs (or of `cost`: the predicted latency), or why it has
     none."""
     reason = ""
