@@ -1,32 +1,65 @@
-"""A study aimed at latency (`search.targets=[latency:R]`): the latency fit is timed once and stored with the
-space, the seed rule's plan and every sampled candidate are placed by its prediction, and the trials record the
-predicted ratio beside the measured one."""
+"""A study aimed at latency (`search.targets=[latency:R]`): the machine's latency fit is read from the cache and
+stored with the space, the seed rule's plan and every sampled candidate are placed by its prediction, and the trials
+record the predicted ratio beside the measured one.
+
+The fit is written to the cache beforehand, with known shares: a fit timed on a 2-core shared box from 5 plans can
+come out anywhere (one CI machine fitted every channel-dependent share but the output maps' to 0), and where the seed
+rule lands depends on it. Timing and caching the fit are `tests/test_latency_model.py`'s job."""
 from __future__ import annotations
 
 import copy
 import json
 import os
 
+import numpy as np
 import optuna
 import pytest
 
 from conftest import STUDY, TEST_CPU_LOCK, TINY_SEARCH, run_cli
 from prune.budget import plan_of_counts
 from prune.groups import discover_groups
-from prune.latency_model import FEATURES, FIXED, latency_predictor
+from prune.latency_model import (FIXED, LatencyModel, LatencyModelKey, MeasuredPlan, cost_features,
+                                  latency_predictor, predict_ratio, random_counts, relative_features)
 from prune.plan import apply_plan, keep_count
 from search.attributes import STUDY_SPACE, TRIAL_BASELINE, TRIAL_PROJECTED_COST, TRIAL_TARGET
 from search.space import SearchSpace
 from train.locks import cpu_work
 from train.weights import load_detector
 
-SIZE = (320, 320)  # timed at TINY_SEARCH's 64x64 the fit is mostly noise (a forward takes ~2 ms)
+SIZE = (320, 320)
+# Shares of the kind this machine fits at 640 px with 24 plans (README "Predicting a plan's latency").
+SHARES = {FIXED: 0.16, "dense": 0.25, "pointwise": 0.13, "depthwise": 0.0, "transposed": 0.07, "conv_output": 0.39}
+
+
+def cache_a_fit(cache_dir, plans: int) -> dict[str, float]:
+    """Write the fit a study at SIZE with `search.latency_model.plans=<plans>` looks up: `plans` random plans whose
+    ratios are what SHARES predict."""
+    model = load_detector("ppocrv4_det", "pretrained")
+    groups = discover_groups(model)
+    channels = {g.name: g.channels for g in groups if g.prunable}
+    reference = cost_features(model, SIZE)
+    rng = np.random.default_rng(0)
+    measured = []
+    while len(measured) < plans:
+        kept = random_counts({n: c for n, c in channels.items() if c > 8}, 8, rng)
+        if kept:
+            pruned = apply_plan(copy.deepcopy(model), plan_of_counts("ppocrv4_det", kept, channels, 8, SIZE), groups)
+            features = relative_features(cost_features(pruned, SIZE), reference)
+            ratio = predict_ratio(SHARES, features)
+            measured.append(MeasuredPlan(kept=kept, features=features, ratio=ratio, low=ratio, high=ratio))
+    key = LatencyModelKey(model="ppocrv4_det", input_size=SIZE, threads=2, use_mkldnn=True, align=8, plans=plans,
+                          seed=0)
+    cache_dir.mkdir(parents=True)
+    LatencyModel(key=key, reference=reference, shares=SHARES, measured=measured, seconds=1.0).save(
+        cache_dir / f"ppocrv4_det-{key.digest()}.json")
+    return reference
 
 
 def test_a_latency_target_study_projects_on_the_stored_fit(tmp_path):
     out = tmp_path / "study"
     env = dict(os.environ, OCRDET_CACHE_DIR=str(tmp_path / "cache"))
     env.setdefault("OMP_NUM_THREADS", "2")
+    reference = cache_a_fit(tmp_path / "cache" / "latency_model", plans=5)
     args = ["multirun", *TINY_SEARCH, "search.targets=[latency:0.9]", "search.latency_model.plans=5",
             f"prune.input_size=[{SIZE[0]},{SIZE[1]}]", "measure.max_rounds=24", "search.objectives=[hmean,latency]",
             "search.n_trials=3",
@@ -40,11 +73,8 @@ def test_a_latency_target_study_projects_on_the_stored_fit(tmp_path):
     space = SearchSpace.from_json(study.user_attrs[STUDY_SPACE])
     assert space.cost == "latency" and space.targets == [pytest.approx(0.1)]
     fit = space.cost_model
-    assert fit["plans"] == 5 and set(fit["shares"]) == {FIXED, *FEATURES}
-    assert sum(fit["shares"].values()) == pytest.approx(1.0)
-    assert list((tmp_path / "cache" / "latency_model").glob("ppocrv4_det-*.json")), "the fit was not cached"
-
-    assert fit["shares"][FIXED] < 0.9, fit  # something shrinks with channels
+    assert fit["plans"] == 5 and fit["shares"] == SHARES and fit["reference"] == pytest.approx(reference)
+    assert "latency model: plan" not in proc.stdout + proc.stderr  # read from the cache, not timed again
     # What the stored fit predicts for a trial's plan, recomputed here, and for the smallest plan of the space (a
     # target below it cannot be reached: candidates are that plan).
     model = load_detector("ppocrv4_det", "pretrained")
