@@ -12,8 +12,9 @@ only in `search.sampler.seed`:
         reads finished studies (their `out_dir`s) and adds a mean ± sd summary over them.
 
 `--seeds N` recovers the 50% seed-rule plan and the best searched plan of each study again with recovery seeds
-1..N (`python -m search trial.plan=... finetune.seed=<s>`, two at a time; seed 0 is the trial itself; cached by plan
-and seed in `<out_dir>/reeval_seeds.json`) and compares them seed by seed (common random numbers): one 60-step
+1..N (`python -m search trial.plan=... finetune.seed=<s>`, two at a time; seed 0 is the trial itself, and the study's
+own re-evaluations of a plan (`search.reeval`, the same seeds) are used as they are; cached by plan and seed in
+`<out_dir>/reeval_seeds.json`) and compares them seed by seed (common random numbers): one 60-step
 recovery's seed spread is as large as the differences between plans, so the single-seed gain says little.
 
 `--shifted` also scores, at the 50% target, the seed rule's trial and the study's chosen trial (their trial
@@ -37,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -45,7 +46,7 @@ from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
 import train.data.source  # noqa: F401  (registers the data generator schema the configs use)
-from search.attributes import TRIAL_REEVAL_OF
+from search.attributes import TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF
 from search.study import make_storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +62,8 @@ class Comparison:
     seed_rule: optuna.trial.FrozenTrial
     best: optuna.trial.FrozenTrial | None
     chosen: optuna.trial.FrozenTrial | None
+    # The study's own re-evaluations (`search.reeval`): (trial, recovery seed) -> hmean.
+    reevaluated: dict[tuple[int, int], float] = field(default_factory=dict)
 
     @property
     def gain(self) -> float:
@@ -78,8 +81,10 @@ def read_study(overrides: list[str], slack: float) -> tuple[Comparison | None, P
         cfg = compose("search", overrides=overrides)
     study = optuna.load_study(study_name=cfg.search.study_name, storage=make_storage(cfg.storage))
     # One seed per plan here (the study's re-evaluations are other seeds of its best plans; --seeds runs its own).
-    complete = [t for t in study.get_trials(deepcopy=False)
-                if t.state == TrialState.COMPLETE and t.user_attrs.get(TRIAL_REEVAL_OF) is None]
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    complete = [t for t in finished if t.user_attrs.get(TRIAL_REEVAL_OF) is None]
+    reevaluated = {(t.user_attrs[TRIAL_REEVAL_OF], t.user_attrs[TRIAL_RECOVERY_SEED]): t.user_attrs["hmean"]
+                   for t in finished if t.user_attrs.get(TRIAL_REEVAL_OF) is not None}
     seeds = sorted((t for t in complete if t.user_attrs.get("baseline") == "seed_rule"),
                    key=lambda t: t.user_attrs["target_reduction"])
     searched = [t for t in complete if not t.user_attrs.get("baseline")]
@@ -108,7 +113,7 @@ def read_study(overrides: list[str], slack: float) -> tuple[Comparison | None, P
         print(f"| {a['target_reduction']:.0%} | {1 - a['flops_ratio']:.1%} | {a['hmean']:.3f} | " + " | ".join(row)
               + f" | {'yes' if dominated else 'no'} |")
         if abs(a["target_reduction"] - 0.5) < 1e-9:
-            comparison = Comparison(str(cfg.out_dir), seed, best, chosen)
+            comparison = Comparison(str(cfg.out_dir), seed, best, chosen, reevaluated)
     if comparison is not None:
         b = comparison.best.user_attrs if comparison.best else {"hmean": -1.0, "flops_ratio": -1.0}
         gain = comparison.gain if comparison.best else -1.0
@@ -130,7 +135,8 @@ def shifted_hmean(out_dir: Path, trial: int) -> float:
     if str(trial) not in cache:
         folder = out_dir / "trials" / str(trial)
         proc = subprocess.run([sys.executable, "-m", "train.evaluate", "data=shifted_v1", "progress=false",
-                               f"model.plan={folder / 'plan.json'}", f"model.checkpoint={folder / 'finetuned.pdparams'}"],
+                               f"model.plan={folder / 'plan.json'}",
+                               f"model.checkpoint={folder / 'finetuned.pdparams'}"],
                               cwd=REPO, capture_output=True, text=True, check=True)
         cache[str(trial)] = result_hmean(proc.stdout)
         cache_path.write_text(json.dumps(cache, indent=1))
@@ -141,18 +147,23 @@ def _plan_key(out_dir: Path, trial: int) -> str:
     return hashlib.sha256((out_dir / "trials" / str(trial) / "plan.json").read_bytes()).hexdigest()[:16]
 
 
-def reevaluate(jobs: list[tuple[Path, optuna.trial.FrozenTrial]], seeds: int, folders: list[Path]) -> dict[str, float]:
+def reevaluate(jobs: list[tuple[Path, optuna.trial.FrozenTrial, Comparison]], seeds: int,
+               folders: list[Path]) -> dict[str, float]:
     """hmean of each (study, trial)'s plan recovered with seeds 1..`seeds` (0: the trial's own), keyed
-    `<plan digest>:<seed>`; runs the missing recoveries two at a time and caches them in each study's folder."""
+    `<plan digest>:<seed>`; the study's own re-evaluations count, the missing recoveries run two at a time and are
+    cached in each study's folder."""
     known: dict[str, float] = {}
     for folder in folders:
         path = folder / REEVAL_CACHE
         if path.exists():
             known.update(json.loads(path.read_text()))
     todo = []
-    for out_dir, trial in jobs:
+    for out_dir, trial, comparison in jobs:
         key = _plan_key(out_dir, trial.number)
         known.setdefault(f"{key}:0", float(trial.user_attrs["hmean"]))
+        for (number, seed), hmean in comparison.reevaluated.items():
+            if number == trial.number:
+                known.setdefault(f"{key}:{seed}", float(hmean))
         todo += [(out_dir, trial.number, key, s) for s in range(1, seeds + 1) if f"{key}:{s}" not in known]
     todo = list({(k, s): (o, n, k, s) for o, n, k, s in todo}.values())  # one plan, one seed: once
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
@@ -233,7 +244,7 @@ def main() -> None:
 
 def seeds_comparison(comparisons: list[tuple[Comparison, Path]], seeds: int, folders: list[Path]) -> str:
     """Print the seed-by-seed table of the 50% plans; the `seeds=...` part of the last line."""
-    jobs = [(out_dir, t) for c, out_dir in comparisons for t in (c.seed_rule, c.best) if t is not None]
+    jobs = [(out_dir, t, c) for c, out_dir in comparisons for t in (c.seed_rule, c.best) if t is not None]
     known = reevaluate(jobs, seeds, folders)
     print(f"\nRecovered with seeds 0..{seeds} (hmean per seed; gain = searched - seed rule, seed by seed):")
     print("| study | seed rule | mean ± sd | best searched (trial) | mean ± sd | gain mean ± sd |")
