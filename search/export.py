@@ -20,7 +20,7 @@ import json
 import shutil
 import tempfile
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from prune.plan import PruningPlan, load_pruned, weights_hash
 from search.app import tracker_for
 from search.attributes import (EXPORT_PREFIX, STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID,
                                Metric)
+from search.export_recovery import export_recovery_settings, recover_in_runs, resolve_runs
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, evaluated_images, guard_candidate, load_trial_data,
                               measure_against_unpruned, recover_candidate)
 from search.study import load_study, make_storage, storage_file
@@ -54,7 +55,6 @@ from train.inference import (InferenceSession, dygraph_threads, export_inference
 from train.metric import DetScores
 from train.models.zoo import model_spec
 from train.onnx import ONNX_FILE, OnnxSession, convert_to_onnx
-from train.recovery import RecoverySettings
 from train.runtime import seed_everything, set_device
 from train.trainer import save_weights
 from train.weights import detector_from_config
@@ -176,6 +176,7 @@ class ExportReport:
     run_id: str
     format: str
     finetune_steps: int
+    recovery_runs: int  # recoveries averaged into the exported weights (export.finetune.runs); 0 without recovery
     trial_hmean: float
     hmean: float
     precision: float
@@ -216,18 +217,6 @@ def _check_export_config(cfg: DictConfig) -> None:
         raise ConfigError(f"export.finetune.save_every={cfg.export.finetune.save_every}: must be >= 0")
     if int(cfg.export.finetune.threads) < 1:
         raise ConfigError(f"export.finetune.threads={cfg.export.finetune.threads}: must be >= 1")
-
-
-def _recovery_settings(cfg: DictConfig) -> RecoverySettings | None:
-    """The export's recovery: the study's recovery settings with the export's budget; None for no recovery."""
-    settings = RecoverySettings(**cfg.finetune)
-    if not int(cfg.export.finetune.steps):
-        return None
-    settings = replace(settings, steps=int(cfg.export.finetune.steps), save_every=int(cfg.export.finetune.save_every))
-    if not cfg.export.finetune.distill:  # labels only: the DB loss, no teacher terms
-        settings = replace(settings, map_weight=0.0, feature_weight=0.0, backbone_weight=0.0,
-                           label_weight=settings.label_weight or 1.0)
-    return settings
 
 
 def _write_export(model: paddle.nn.Layer, plan: PruningPlan, cfg: DictConfig, target: Path,
@@ -326,7 +315,8 @@ def main(cfg: DictConfig) -> None:
     selected = select_trial(study, cfg.trial, cfg.run_id)
     out_dir = Path(cfg.out_dir)
     target = Path(cfg.export.dir or out_dir / "export" / f"trial-{selected.number}").resolve()
-    settings = _recovery_settings(cfg)
+    settings = export_recovery_settings(cfg)
+    runs = resolve_runs(cfg.export.finetune.runs, int(cfg.export.finetune.threads), cfg.device)
     print(f"exporting trial {selected.number} of study {cfg.search.study_name!r} (MLflow run {selected.run_id}, "
           f"hmean {selected.attrs['hmean']:.4f} in the study) to {target}", flush=True)
 
@@ -346,10 +336,17 @@ def main(cfg: DictConfig) -> None:
         # (same trial weights, settings and seed) resumes there, anything else starts afresh.
         key = hashlib.sha256(json.dumps([settings.to_json(), cfg.seed, weights_hash(model)]).encode()).hexdigest()
         resume = out_dir / "export" / f".recovery-trial-{selected.number}-{key[:12]}"
-        seed_everything(cfg.seed)
-        with dygraph_threads(cfg.export.finetune.threads):
-            recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings,
-                              cfg.progress, unlabeled=data.unlabeled, checkpoint_prefix=resume / "last")
+
+        def recover_here(student: paddle.nn.Layer, checkpoint_prefix: Path) -> None:
+            seed_everything(cfg.seed)
+            with dygraph_threads(cfg.export.finetune.threads):
+                recover_candidate(student, teacher, plan, discover_groups(teacher), data.train_set, settings,
+                                  cfg.progress, unlabeled=data.unlabeled, checkpoint_prefix=checkpoint_prefix)
+
+        if runs > 1:
+            print(f"recovering {runs} runs at once (recovery seeds {settings.seed}..{settings.seed + runs - 1}, "
+                  f"{cfg.export.finetune.threads} thread(s) each); the export is their weights' average", flush=True)
+        recover_in_runs(cfg, model, plan, settings, runs, resume, recover_here)
     forwards = fast_forward(model, evaluated_images(cfg, data))
     scores: DetScores = evaluate_detector(forwards, data.eval_set, data.postprocess, cfg.data.eval.max_images,
                                           progress=cfg.progress)
@@ -362,6 +359,7 @@ def main(cfg: DictConfig) -> None:
     reference = Measurement.from_json(study.user_attrs[STUDY_REFERENCE])  # what the trial's ratios are relative to
     report = ExportReport(
         trial=selected.number, run_id=selected.run_id, format=str(cfg.export.format), finetune_steps=steps,
+        recovery_runs=runs if steps else 0,
         trial_hmean=float(selected.attrs["hmean"]), hmean=scores.hmean, precision=scores.precision,
         recall=scores.recall, flops=measured.flops, params=measured.params, latency_ms=measured.latency_ms,
         size_bytes=measured.size_bytes, trial_flops=int(selected.attrs["flops"]),

@@ -32,8 +32,10 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_workers(setting: object, cores: int | None = None, memory: int | None = None) -> int:
-    """`search.workers`: a count >= 1, or `auto`: one per usable core, as many as the memory holds."""
+def resolve_workers(setting: object, cores: int | None = None, memory: int | None = None,
+                    key: str = "search.workers") -> int:
+    """`search.workers` (or another count named `key`): a count >= 1, or `auto`: one per usable core (or per
+    `cores`), as many as the memory holds at 3 GB each."""
     if str(setting) == "auto":
         cores = usable_cores() if cores is None else cores
         if memory is None:
@@ -44,7 +46,7 @@ def resolve_workers(setting: object, cores: int | None = None, memory: int | Non
     except ValueError:
         count = 0
     if count < 1:
-        raise ConfigError(f"search.workers={setting}: a count >= 1 or auto")
+        raise ConfigError(f"{key}={setting}: a count >= 1 or auto")
     return count
 
 

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from conftest import STUDY, TINY_SEARCH, run_cli
 from prune.plan import PruningPlan, load_pruned
 from search.export import ParityError, _write_export
+from search.export_recovery import resolve_runs
 from train.inference import LEGACY_MODEL_FILE, PIR_MODEL_FILE, InferenceSession
 from train.onnx import ONNX_FILE, OnnxSession
 
@@ -110,6 +111,8 @@ def test_selection_by_trial_number_and_by_run_id_agree(study_run, tmp_path):
                                     f"export.dir={tmp_path / 'by-run'}", "export.finetune.steps=2",
                                     "export.register.enabled=false"))
     assert again["trial"] == trial.number and again["finetune_steps"] == 2 and again["flops"] == metrics["flops"]
+    # export.finetune.runs=auto: a run per core (one thread each), averaged; none without recovery steps.
+    assert again["recovery_runs"] == resolve_runs("auto", threads=1, device="cpu") and metrics["recovery_runs"] == 0
     assert (by_run / "model.pdparams").read_bytes() != (by_number / "model.pdparams").read_bytes()
 
 
