@@ -33,16 +33,15 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from prune.groups import discover_groups
 from prune.latency import LatencyRatio, Runner, round_settings, timed_rounds
 from prune.measure import Measurement
 from prune.plan import PruningPlan, load_pruned, weights_hash
 from search.app import tracker_for
 from search.attributes import (EXPORT_PREFIX, STUDY_CHOSEN, STUDY_REFERENCE, TRIAL_FAIL_REASON, TRIAL_RUN_ID,
                                Metric)
-from search.export_recovery import export_recovery_settings, recover_in_runs, resolve_runs
+from search.export_recovery import export_recovery_settings, recover_in_runs, recover_run, resolve_runs
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, evaluated_images, guard_candidate, load_trial_data,
-                              measure_against_unpruned, recover_candidate)
+                              measure_against_unpruned)
 from search.study import load_study, make_storage, storage_file
 from search.tracking import RunLogger, Tracker
 from train.cli import exit_on_user_error, print_result_line, run_app
@@ -50,12 +49,12 @@ from train.data.dataset import DetDataset
 from train.deploy_config import DeployConfig
 from train.errors import ConfigError, UserError
 from train.evaluation import evaluate_detector
-from train.inference import (InferenceSession, dygraph_threads, export_inference, exported_programs, fast_forward,
+from train.inference import (InferenceSession, export_inference, exported_programs, fast_forward,
                              single_threaded)
 from train.metric import DetScores
 from train.models.zoo import model_spec
 from train.onnx import ONNX_FILE, OnnxSession, convert_to_onnx
-from train.runtime import seed_everything, set_device
+from train.runtime import set_device
 from train.trainer import save_weights
 from train.weights import detector_from_config
 
@@ -338,10 +337,7 @@ def main(cfg: DictConfig) -> None:
         resume = out_dir / "export" / f".recovery-trial-{selected.number}-{key[:12]}"
 
         def recover_here(student: paddle.nn.Layer, checkpoint_prefix: Path) -> None:
-            seed_everything(cfg.seed)
-            with dygraph_threads(cfg.export.finetune.threads):
-                recover_candidate(student, teacher, plan, discover_groups(teacher), data.train_set, settings,
-                                  cfg.progress, unlabeled=data.unlabeled, checkpoint_prefix=checkpoint_prefix)
+            recover_run(cfg, student, plan, teacher, data, settings, checkpoint_prefix, cfg.progress)
 
         if runs > 1:
             print(f"recovering {runs} runs at once (recovery seeds {settings.seed}..{settings.seed + runs - 1}, "

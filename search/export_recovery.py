@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune.groups import discover_groups
 from prune.plan import PruningPlan, load_pruned
-from search.objective import load_trial_data, recover_candidate
+from search.objective import TrialData, load_trial_data, recover_candidate
 from search.workers import resolve_workers, usable_cores
 from train.inference import dygraph_threads
 from train.recovery import RecoverySettings
@@ -93,22 +93,27 @@ def _final_weights(folder: Path, run: int) -> Path:
     return folder / f"run-{run}.pdparams"
 
 
-def _run_in_child(config: dict, folder: str, run: int, threads: int) -> None:
+def recover_run(cfg: DictConfig, model: paddle.nn.Layer, plan: PruningPlan, teacher: paddle.nn.Layer,
+                data: TrialData, settings: RecoverySettings, checkpoint_prefix: Path, progress: bool) -> None:
+    """One recovery run of the export, in place: what run 0 does in the export's process and every spawned run in
+    its own (its `settings` carry its recovery seed)."""
+    seed_everything(cfg.seed)
+    with dygraph_threads(int(cfg.export.finetune.threads)):
+        recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings, progress,
+                          unlabeled=data.unlabeled, checkpoint_prefix=checkpoint_prefix)
+
+
+def _run_in_child(config: dict, folder: str, run: int) -> None:
     """A spawned recovery run: the trial's start weights from `folder`, recovery seed finetune.seed + `run`."""
     cfg = OmegaConf.create({**config, "progress": False})
     folder_path = Path(folder)
     set_device(cfg.device)
     plan = PruningPlan.load(folder_path / PLAN_FILE)
     model = load_pruned(cfg.model.name, plan, folder_path / START_FILE)
-    teacher = detector_from_config(cfg.model)
-    data = load_trial_data(cfg)
     settings = export_recovery_settings(cfg)
     assert settings is not None
-    settings = replace(settings, seed=settings.seed + run)
-    seed_everything(cfg.seed)
-    with dygraph_threads(threads):
-        recover_candidate(model, teacher, plan, discover_groups(teacher), data.train_set, settings, progress=False,
-                          unlabeled=data.unlabeled, checkpoint_prefix=folder_path / f"run-{run}" / "last")
+    recover_run(cfg, model, plan, detector_from_config(cfg.model), load_trial_data(cfg),
+                replace(settings, seed=settings.seed + run), folder_path / f"run-{run}" / "last", progress=False)
     save_weights(model, _final_weights(folder_path, run))
 
 
@@ -130,7 +135,7 @@ def recover_in_runs(cfg: DictConfig, model: paddle.nn.Layer, plan: PruningPlan, 
         with _environment(OMP_NUM_THREADS=str(threads)):
             for run in range(1, runs):
                 if not _final_weights(folder, run).is_file():
-                    child = context.Process(target=_run_in_child, args=(config, str(folder), run, threads),
+                    child = context.Process(target=_run_in_child, args=(config, str(folder), run),
                                             name=f"export-recovery-{run}")
                     child.start()
                     children.append((run, child))

@@ -13,8 +13,9 @@ from conftest import REPO, TINY_SEARCH
 from prune.budget import plan_of_counts
 from prune.groups import discover_groups
 from prune.plan import apply_plan
-from search.export_recovery import average_weights, export_recovery_settings, recover_in_runs, resolve_runs
-from search.objective import load_trial_data, recover_candidate
+from search.export_recovery import (average_weights, export_recovery_settings, recover_in_runs, recover_run,
+                                     resolve_runs)
+from search.objective import load_trial_data
 from search.workers import usable_cores
 from train.errors import ConfigError
 from train.weights import load_detector, strip_backup_keys
@@ -59,8 +60,7 @@ def test_two_runs_recover_with_their_own_seeds_and_the_model_is_their_average(tm
     run_zero = {}
 
     def recover_here(student, checkpoint_prefix):
-        recover_candidate(student, teacher, plan, groups, data.train_set, settings, progress=False,
-                          unlabeled=data.unlabeled, checkpoint_prefix=checkpoint_prefix)
+        recover_run(cfg, student, plan, teacher, data, settings, checkpoint_prefix, progress=False)
         run_zero.update({k: v.numpy().copy() for k, v in strip_backup_keys(student.state_dict()).items()})
 
     folder = tmp_path / "recovery"
