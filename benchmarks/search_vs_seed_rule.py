@@ -17,6 +17,10 @@ own re-evaluations of a plan (`search.reeval`, the same seeds) are used as they 
 `<out_dir>/reeval_seeds.json`) and compares them seed by seed (common random numbers): one 60-step
 recovery's seed spread is as large as the differences between plans, so the single-seed gain says little.
 
+`--held-out N` recovers each study's chosen plan and its 50% seed-rule plan with N recovery seeds from 1000 on,
+which no trial, re-evaluation or choice of the study used, and compares them seed by seed: the study's own scores
+of the plan it chose are the maximum over noisy recoveries, so a gain measured on them is partly selected noise.
+
 `--shifted` also scores, at the 50% target, the seed rule's trial and the study's chosen trial (their trial
 weights, as recovered in the study) on `../shared/eval/shifted_v1` with `python -m train.evaluate` (evaluation
 only; cached in `<out_dir>/shifted_v1_trials.json`).
@@ -24,9 +28,11 @@ only; cached in `<out_dir>/shifted_v1_trials.json`).
 Per study it prints a markdown table and `target=0.5 seed_rule_hmean=<f> searched_hmean=<f>
 searched_flops_ratio=<f> gain=<f>` (searched values -1 when no searched trial is that cheap); with `--studies`
 the last line is `studies=<n> gain_mean=<f> gain_sd=<f> chosen_gain_mean=<f> [shifted_gain_mean=<f>
-shifted_gain_sd=<f>] [seeds=<n> seeds_gain_mean=<f> seeds_gain_sd=<f>]`, where `chosen_gain` is the chosen trial's
+shifted_gain_sd=<f>] [seeds=<n> seeds_gain_mean=<f> seeds_gain_sd=<f>] [held_out=<n> held_out_gain_mean=<f>
+held_out_gain_sd=<f>]`, where `chosen_gain` is the chosen trial's
 hmean minus the seed rule's at 50%, and `seeds_gain` the best searched plan's mean hmean over recovery seeds 0..N
-minus the seed rule's (mean and sd over studies).
+minus the seed rule's, and `held_out_gain` the chosen plan's minus the seed rule's on the held-out seeds (mean and
+sd over studies).
 """
 from __future__ import annotations
 
@@ -52,6 +58,9 @@ from search.study import make_storage
 REPO = Path(__file__).resolve().parents[1]
 SHIFTED_CACHE = "shifted_v1_trials.json"
 REEVAL_CACHE = "reeval_seeds.json"
+# Recovery seeds of the held-out comparison: far above any a study uses (its trials are seed 0, its re-evaluations
+# 1..search.reeval.seeds), so the chosen plan's score there carries no selection bias.
+HELD_OUT_FIRST_SEED = 1000
 
 
 @dataclass
@@ -147,9 +156,9 @@ def _plan_key(out_dir: Path, trial: int) -> str:
     return hashlib.sha256((out_dir / "trials" / str(trial) / "plan.json").read_bytes()).hexdigest()[:16]
 
 
-def reevaluate(jobs: list[tuple[Path, optuna.trial.FrozenTrial, Comparison]], seeds: int,
+def reevaluate(jobs: list[tuple[Path, optuna.trial.FrozenTrial, Comparison]], seeds: list[int],
                folders: list[Path]) -> dict[str, float]:
-    """hmean of each (study, trial)'s plan recovered with seeds 1..`seeds` (0: the trial's own), keyed
+    """hmean of each (study, trial)'s plan recovered with each of `seeds` (0: the trial's own), keyed
     `<plan digest>:<seed>`; the study's own re-evaluations count, the missing recoveries run two at a time and are
     cached in each study's folder."""
     known: dict[str, float] = {}
@@ -164,7 +173,7 @@ def reevaluate(jobs: list[tuple[Path, optuna.trial.FrozenTrial, Comparison]], se
         for (number, seed), hmean in comparison.reevaluated.items():
             if number == trial.number:
                 known.setdefault(f"{key}:{seed}", float(hmean))
-        todo += [(out_dir, trial.number, key, s) for s in range(1, seeds + 1) if f"{key}:{s}" not in known]
+        todo += [(out_dir, trial.number, key, s) for s in seeds if f"{key}:{s}" not in known]
     todo = list({(k, s): (o, n, k, s) for o, n, k, s in todo}.values())  # one plan, one seed: once
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
     for start in range(0, len(todo), 2):
@@ -197,6 +206,9 @@ def main() -> None:
     parser.add_argument("--shifted", action="store_true", help="score the 50%% trials on shifted_v1 too")
     parser.add_argument("--slack", type=float, default=0.01, help="FLOPs-ratio slack for 'no more FLOPs'")
     parser.add_argument("--seeds", type=int, default=0, help="recover the 50%% plans again with seeds 1..N")
+    parser.add_argument("--held-out", type=int, default=0, metavar="N",
+                        help=f"recover the chosen and the 50%% seed-rule plan with N recovery seeds from "
+                             f"{HELD_OUT_FIRST_SEED} on, which no trial, re-evaluation or choice of the study used")
     args, overrides = parser.parse_known_args()
     if args.studies is None:
         if not args.no_run:
@@ -239,13 +251,15 @@ def main() -> None:
         line += f" shifted_gain_mean={shifted[0]:.6f} shifted_gain_sd={shifted[1]:.6f}"
     if args.seeds > 0:
         line += " " + seeds_comparison(comparisons, args.seeds, list(args.studies))
+    if args.held_out > 0:
+        line += " " + held_out_comparison(comparisons, args.held_out, list(args.studies))
     print(line)
 
 
 def seeds_comparison(comparisons: list[tuple[Comparison, Path]], seeds: int, folders: list[Path]) -> str:
     """Print the seed-by-seed table of the 50% plans; the `seeds=...` part of the last line."""
     jobs = [(out_dir, t, c) for c, out_dir in comparisons for t in (c.seed_rule, c.best) if t is not None]
-    known = reevaluate(jobs, seeds, folders)
+    known = reevaluate(jobs, list(range(1, seeds + 1)), folders)
     print(f"\nRecovered with seeds 0..{seeds} (hmean per seed; gain = searched - seed rule, seed by seed):")
     print("| study | seed rule | mean ± sd | best searched (trial) | mean ± sd | gain mean ± sd |")
     print("|---|---|---|---|---|---|")
@@ -263,6 +277,35 @@ def seeds_comparison(comparisons: list[tuple[Comparison, Path]], seeds: int, fol
               f"{mean_sd(paired)[0]:+.3f} ± {mean_sd(paired)[1]:.3f} |")
     gain = mean_sd(gains)
     return f"seeds={seeds + 1} seeds_gain_mean={gain[0]:.6f} seeds_gain_sd={gain[1]:.6f}"
+
+
+def held_out_comparison(comparisons: list[tuple[Comparison, Path]], seeds: int, folders: list[Path]) -> str:
+    """Print the chosen plan against the 50% seed-rule plan, recovered with seeds the study never saw; the
+    `held_out=...` part of the last line.
+
+    The study's own scores of its chosen plan are biased upwards: it is the maximum over noisy recoveries (the trial's
+    seed 0 and the re-evaluations' seeds picked it), so a gain measured on those seeds is partly the noise the choice
+    selected. Fresh seeds measure what a user gets."""
+    chosen = [(c, out_dir) for c, out_dir in comparisons if c.chosen is not None]
+    jobs = [(out_dir, t, c) for c, out_dir in chosen for t in (c.seed_rule, c.chosen)]
+    held_out = list(range(HELD_OUT_FIRST_SEED, HELD_OUT_FIRST_SEED + seeds))
+    known = reevaluate(jobs, held_out, folders)
+    print(f"\nChosen plan vs seed rule at 50%, recovered with held-out seeds {held_out[0]}..{held_out[-1]} "
+          "(gain = chosen - seed rule, seed by seed):")
+    print("| study | seed rule | mean ± sd | chosen (trial) | mean ± sd | gain mean ± sd |")
+    print("|---|---|---|---|---|---|")
+    gains = []
+    for c, out_dir in chosen:
+        rule = [known[f"{_plan_key(out_dir, c.seed_rule.number)}:{s}"] for s in held_out]
+        pick = [known[f"{_plan_key(out_dir, c.chosen.number)}:{s}"] for s in held_out]
+        paired = [b - r for b, r in zip(pick, rule)]
+        gains.append(statistics.fmean(paired))
+        print(f"| {out_dir.name} | {' '.join(f'{v:.3f}' for v in rule)} | {mean_sd(rule)[0]:.3f} ± "
+              f"{mean_sd(rule)[1]:.3f} | {' '.join(f'{v:.3f}' for v in pick)} ({c.chosen.number}) | "
+              f"{mean_sd(pick)[0]:.3f} ± {mean_sd(pick)[1]:.3f} | {mean_sd(paired)[0]:+.3f} ± "
+              f"{mean_sd(paired)[1]:.3f} |")
+    gain = mean_sd(gains)
+    return f"held_out={seeds} held_out_gain_mean={gain[0]:.6f} held_out_gain_sd={gain[1]:.6f}"
 
 
 if __name__ == "__main__":
