@@ -165,6 +165,9 @@ def check_search_config(cfg: DictConfig) -> None:
         _positive_or_null(search.constraints, "constraints", key)
     for key in ("max_flops_ratio", "max_latency_ratio"):
         _positive_or_null(search.select, "select", key)
+    if search.select.min_gain is None or search.select.min_gain < 0:
+        raise ConfigError(f"search.select.min_gain={search.select.min_gain}: must be >= 0 (0: the highest hmean "
+                          "wins, however small its lead over the seed rule's plan)")
     min_agreement = search.select.min_agreement
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise ConfigError(f"search.select.min_agreement={min_agreement}: must be in [0, 1] or null")

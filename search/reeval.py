@@ -21,8 +21,8 @@ from typing import Sequence
 import optuna
 from optuna.trial import TrialState
 
-from search.attributes import (BASELINE_UNPRUNED, FINISHED, STUDY_REEVAL, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF,
-                               Metric)
+from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, FINISHED, STUDY_REEVAL, TRIAL_RECOVERY_SEED,
+                               TRIAL_REEVAL_OF, Metric)
 from search.pareto import TrialRecord
 
 
@@ -41,13 +41,20 @@ def is_reeval(attrs: dict) -> bool:
 
 def plan_jobs(records: Sequence[TrialRecord], top: int, seeds: int, base_seed: int,
               max_flops_ratio: float | None, max_latency_ratio: float | None) -> list[ReevalJob]:
-    """The ``top`` feasible trials by hmean within the select limits, each with recovery seeds ``base_seed`` + 1
-    .. + ``seeds``. Only plans that cut something: an uncut model is not recovered, so a seed changes nothing."""
+    """The ``top`` feasible trials by hmean within the select limits, and with limits the seed rule's best plan
+    there (the baseline the choice compares them with, `search.pareto.select`: on the same seeds it is paired),
+    each with recovery seeds ``base_seed`` + 1 .. + ``seeds``. Only plans that cut something: an uncut model is not
+    recovered, so a seed changes nothing."""
     eligible = [r for r in records if r.feasible and r.reeval_of is None and r.baseline != BASELINE_UNPRUNED
                 and r.flops_ratio < 1.0
                 and (max_flops_ratio is None or r.flops_ratio <= max_flops_ratio)
                 and (max_latency_ratio is None or r.latency_ratio <= max_latency_ratio)]
-    best = sorted(eligible, key=lambda r: (-r.hmean, r.number))[:top]
+    ranked = sorted(eligible, key=lambda r: (-r.hmean, r.number))
+    best = ranked[:top]
+    rule = next((r for r in ranked if r.baseline == BASELINE_SEED_RULE), None)
+    limited = max_flops_ratio is not None or max_latency_ratio is not None  # else the choice is the knee: no baseline
+    if top > 0 and limited and rule is not None and all(r.number != rule.number for r in best):
+        best.append(rule)
     return [ReevalJob(r.number, base_seed + k) for r in best for k in range(1, seeds + 1)]
 
 

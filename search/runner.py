@@ -450,7 +450,13 @@ class StudyRunner:
             self.parent.end("FAILED")
             raise ConfigError(f"no complete trial of study {self.name!r} meets search.constraints and "
                               f"search.select.min_agreement: {study_constraints(cfg)}")
-        chosen = select(front, self.objectives, cfg.search.select.max_flops_ratio, cfg.search.select.max_latency_ratio)
+        limits = cfg.search.select
+        chosen = select(front, self.objectives, limits.max_flops_ratio, limits.max_latency_ratio, records,
+                        limits.min_gain)
+        # The seed rule's plan kept over a searched one that leads it by less than min_gain may be off the front:
+        # the table shows it beside the front.
+        on_front = any(r.number == chosen.record.number for r in front)
+        shown = front if on_front else sorted([*front, chosen.record], key=lambda r: r.number)
         self._tag_runs({r.number for r in front}, chosen.record.number, records)
         self.study.set_user_attr(STUDY_CHOSEN, chosen.record.number)
 
@@ -469,11 +475,11 @@ class StudyRunner:
             f"seeds): artifacts `pareto.png`, `pareto.csv`; every trial: `trials.csv`. The trials are this run's "
             f"nested runs, named `trial-<n> h=<hmean> f=<FLOPs ratio> a=<teacher agreement>` (a re-evaluation: "
             f"`... seed <s> of trial <n>`); tags `pareto` and `chosen` mark the front.\n\n```\n"
-            f"{format_front(front, chosen.record.number)}\n```")
+            f"{format_front(shown, chosen.record.number)}\n```")
         self.parent.end("FINISHED")
 
         print(f"Pareto front of study {self.name!r} ({len(front)} of {plans} complete trials):")
-        print(format_front(front, chosen.record.number))
+        print(format_front(shown, chosen.record.number))
         print(f"chosen: trial {chosen.record.number} ({chosen.reason}); files in {self.out_dir}")
         r = chosen.record
         print_result_line(f"chosen_trial={r.number} hmean={r.hmean:.6f} flops_ratio={r.flops_ratio:.6f} "

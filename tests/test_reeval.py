@@ -57,6 +57,16 @@ def test_the_best_feasible_plans_within_the_select_limits_get_more_seeds():
     assert plan_jobs(records, 1, 1, 0, None, None) == [ReevalJob(4, 1)]
     assert plan_jobs(records, 0, 2, 0, 0.5, None) == [] and plan_jobs(records, 2, 0, 0, 0.5, None) == []
 
+    # The seed rule's plan within the limits is re-evaluated too, even below the top: the choice compares the best
+    # searched plan with it (search.pareto.select), on the same seeds.
+    study = _study()
+    rule = _add(study, 0.80, 0.49, baseline="seed_rule")
+    _add(study, 0.97, 0.60, baseline="seed_rule")  # beyond the limit: not the baseline of this choice
+    records = trial_records(study, MIN_AGREEMENT)
+    assert plan_jobs(records, 1, 1, 0, 0.5, None) == [ReevalJob(2, 1), ReevalJob(rule, 1)]
+    assert plan_jobs(records, 0, 1, 0, 0.5, None) == []  # top 0: re-evaluation off, the rule's plan included
+    assert plan_jobs(records, 1, 1, 0, None, None) == [ReevalJob(rule + 1, 1)]  # no limits: the knee, no baseline
+
 
 def test_a_plans_figures_are_the_mean_over_its_seeds_and_the_choice_follows_the_mean():
     """Trial 2 (0.93 with seed 0) falls to a mean of 0.89 after two more seeds; trial 1 (0.90) holds 0.90: the

@@ -42,6 +42,8 @@ def test_default_config_composes_and_passes():
     ("search.constraints.max_flops_ratio=0", "max_flops_ratio=0"),
     ("prune.align=0", "prune.align=0"),
     ("search.select.min_agreement=1.5", "search.select.min_agreement=1.5"),
+    ("search.select.min_gain=-0.01", "search.select.min_gain=-0.01: must be >= 0"),
+    ("search.select.min_gain=null", "search.select.min_gain=None: must be >= 0"),
     ("data.unlabeled_eval=null", "min_agreement needs the guard's images"),
 ])
 def test_bad_values_name_the_key(override, message):

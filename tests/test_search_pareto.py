@@ -65,6 +65,23 @@ def test_select_takes_the_best_hmean_under_the_flops_limit_else_the_knee():
     assert select(front, HMEAN_FLOPS, None, None).record.number == 1
 
 
+def test_a_searched_plan_replaces_the_seed_rules_only_with_a_clear_lead():
+    rule = _record(1, 0.930, 0.49, baseline="seed_rule", target_reduction=0.5)
+    records = [_record(0, 0.96, 1.0, baseline="unpruned"), rule, _record(2, 0.945, 0.48),
+               _record(3, 0.99, 0.30, baseline="seed_rule", feasible=False),  # infeasible: never the baseline
+               _record(4, 0.97, 0.70, baseline="seed_rule")]                  # beyond the limit: nor this one
+    front = pareto_front(records, HMEAN_FLOPS)
+    assert 1 not in [r.number for r in front]  # trial 2 dominates the rule's plan, by less than the noise
+    kept = select(front, HMEAN_FLOPS, 0.5, None, records, min_gain=0.02)
+    assert kept.record.number == 1
+    assert "seed rule's plan -50%" in kept.reason and "trial 2" in kept.reason and "+0.0150" in kept.reason
+    assert select(front, HMEAN_FLOPS, 0.5, None, records, min_gain=0.01).record.number == 2  # a clear lead
+    assert select(front, HMEAN_FLOPS, 0.5, None, records, min_gain=0.0).record.number == 2
+    assert select(front, HMEAN_FLOPS, 0.5, None, min_gain=0.02).record.number == 2  # no records: nothing to keep
+    # The knee (no limits) is not a comparison at one cost: unchanged.
+    assert select(front, HMEAN_FLOPS, None, None, records, min_gain=0.02).record.number == knee(front, HMEAN_FLOPS).number
+
+
 def test_select_honours_the_latency_limit_too():
     front = [_record(0, 0.9, 0.45, latency_ratio=0.95), _record(1, 0.8, 0.40, latency_ratio=0.7)]
     assert select(front, HMEAN_FLOPS, 0.5, 0.8).record.number == 1
