@@ -109,6 +109,21 @@ class Selection:
     reason: str
 
 
+def within_limits(record: TrialRecord, max_flops_ratio: float | None, max_latency_ratio: float | None) -> bool:
+    """Whether a record is within the select limits (None: no limit)."""
+    return ((max_flops_ratio is None or record.flops_ratio <= max_flops_ratio)
+            and (max_latency_ratio is None or record.latency_ratio <= max_latency_ratio))
+
+
+def seed_rule_baseline(records: Sequence[TrialRecord], max_flops_ratio: float | None,
+                       max_latency_ratio: float | None) -> TrialRecord | None:
+    """The seed rule's best feasible plan within the select limits: the plan a searched one must beat by
+    `min_gain` to be chosen (`select`), and which the re-evaluation therefore always includes."""
+    rules = [r for r in records if r.baseline == BASELINE_SEED_RULE and r.feasible and r.reeval_of is None
+             and within_limits(r, max_flops_ratio, max_latency_ratio)]
+    return max(rules, key=lambda r: (r.hmean, -r.flops_ratio), default=None)
+
+
 def select(front: Sequence[TrialRecord], objectives: Sequence[Objective], max_flops_ratio: float | None,
            max_latency_ratio: float | None, records: Sequence[TrialRecord] = (), min_gain: float = 0.0) -> Selection:
     """Highest hmean on the front within the configured cost limits (fewer FLOPs breaks ties); if no point is
@@ -119,20 +134,13 @@ def select(front: Sequence[TrialRecord], objectives: Sequence[Objective], max_fl
     noisy recoveries, so a small lead is mostly the noise that picked it: three studies' chosen plans led the seed
     rule by +0.009 on the recovery seeds that chose them and trailed it by 0.009 on three seeds no study used
     (README "The search"); below a clear lead the rule's plan, which nothing selected, is the better bet."""
-    limits = [(name, attr, limit) for name, attr, limit in
-              (("max_flops_ratio", Metric.FLOPS_RATIO, max_flops_ratio),
-               ("max_latency_ratio", Metric.LATENCY_RATIO, max_latency_ratio)) if limit is not None]
-
-    def is_within(r: TrialRecord) -> bool:
-        return all(getattr(r, attr) <= limit for _, attr, limit in limits)
-
-    within = [r for r in front if is_within(r)]
+    limits = [(name, limit) for name, limit in (("max_flops_ratio", max_flops_ratio),
+                                                ("max_latency_ratio", max_latency_ratio)) if limit is not None]
+    within = [r for r in front if within_limits(r, max_flops_ratio, max_latency_ratio)]
     if limits and within:
         best = max(within, key=lambda r: (r.hmean, -r.flops_ratio))
-        described = " and ".join(f"{name}={limit:g}" for name, _, limit in limits)
-        rules = [r for r in records if r.baseline == BASELINE_SEED_RULE and r.feasible and r.reeval_of is None
-                 and is_within(r)]
-        rule = max(rules, key=lambda r: (r.hmean, -r.flops_ratio), default=None)
+        described = " and ".join(f"{name}={limit:g}" for name, limit in limits)
+        rule = seed_rule_baseline(records, max_flops_ratio, max_latency_ratio)
         if not best.baseline and rule is not None and best.hmean - rule.hmean < min_gain:
             return Selection(rule, f"the seed rule's plan {rule.target_label} with {described}: the best searched "
                                    f"plan (trial {best.number}) leads it by {best.hmean - rule.hmean:+.4f}, under "

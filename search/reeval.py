@@ -21,9 +21,9 @@ from typing import Sequence
 import optuna
 from optuna.trial import TrialState
 
-from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, FINISHED, STUDY_REEVAL, TRIAL_RECOVERY_SEED,
-                               TRIAL_REEVAL_OF, Metric)
-from search.pareto import TrialRecord
+from search.attributes import (BASELINE_UNPRUNED, FINISHED, STUDY_REEVAL, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF,
+                               Metric)
+from search.pareto import TrialRecord, seed_rule_baseline, within_limits
 
 
 @dataclass(frozen=True, order=True)
@@ -46,14 +46,11 @@ def plan_jobs(records: Sequence[TrialRecord], top: int, seeds: int, base_seed: i
     each with recovery seeds ``base_seed`` + 1 .. + ``seeds``. Only plans that cut something: an uncut model is not
     recovered, so a seed changes nothing."""
     eligible = [r for r in records if r.feasible and r.reeval_of is None and r.baseline != BASELINE_UNPRUNED
-                and r.flops_ratio < 1.0
-                and (max_flops_ratio is None or r.flops_ratio <= max_flops_ratio)
-                and (max_latency_ratio is None or r.latency_ratio <= max_latency_ratio)]
-    ranked = sorted(eligible, key=lambda r: (-r.hmean, r.number))
-    best = ranked[:top]
-    rule = next((r for r in ranked if r.baseline == BASELINE_SEED_RULE), None)
+                and r.flops_ratio < 1.0 and within_limits(r, max_flops_ratio, max_latency_ratio)]
+    best = sorted(eligible, key=lambda r: (-r.hmean, r.number))[:top]
     limited = max_flops_ratio is not None or max_latency_ratio is not None  # else the choice is the knee: no baseline
-    if top > 0 and limited and rule is not None and all(r.number != rule.number for r in best):
+    rule = seed_rule_baseline(records, max_flops_ratio, max_latency_ratio) if limited else None
+    if top > 0 and rule is not None and all(r.number != rule.number for r in best):
         best.append(rule)
     return [ReevalJob(r.number, base_seed + k) for r in best for k in range(1, seeds + 1)]
 
