@@ -258,24 +258,11 @@ def main() -> None:
 
 def seeds_comparison(comparisons: list[tuple[Comparison, Path]], seeds: int, folders: list[Path]) -> str:
     """Print the seed-by-seed table of the 50% plans; the `seeds=...` part of the last line."""
-    jobs = [(out_dir, t, c) for c, out_dir in comparisons for t in (c.seed_rule, c.best) if t is not None]
-    known = reevaluate(jobs, list(range(1, seeds + 1)), folders)
+    pairs = [(out_dir, c.seed_rule, c.best) for c, out_dir in comparisons if c.best is not None]
+    known = reevaluate([(o, t, c) for c, o in comparisons for t in (c.seed_rule, c.best) if t is not None],
+                       list(range(1, seeds + 1)), folders)
     print(f"\nRecovered with seeds 0..{seeds} (hmean per seed; gain = searched - seed rule, seed by seed):")
-    print("| study | seed rule | mean ± sd | best searched (trial) | mean ± sd | gain mean ± sd |")
-    print("|---|---|---|---|---|---|")
-    gains = []
-    for c, out_dir in comparisons:
-        if c.best is None:
-            continue
-        rule = [known[f"{_plan_key(out_dir, c.seed_rule.number)}:{s}"] for s in range(seeds + 1)]
-        best = [known[f"{_plan_key(out_dir, c.best.number)}:{s}"] for s in range(seeds + 1)]
-        paired = [b - r for b, r in zip(best, rule)]
-        gains.append(statistics.fmean(paired))
-        fmt = " ".join(f"{v:.3f}" for v in rule), " ".join(f"{v:.3f}" for v in best)
-        print(f"| {out_dir.name} | {fmt[0]} | {mean_sd(rule)[0]:.3f} ± {mean_sd(rule)[1]:.3f} | {fmt[1]} "
-              f"({c.best.number}) | {mean_sd(best)[0]:.3f} ± {mean_sd(best)[1]:.3f} | "
-              f"{mean_sd(paired)[0]:+.3f} ± {mean_sd(paired)[1]:.3f} |")
-    gain = mean_sd(gains)
+    gain = paired_table(pairs, list(range(seeds + 1)), known, "best searched")
     return f"seeds={seeds + 1} seeds_gain_mean={gain[0]:.6f} seeds_gain_sd={gain[1]:.6f}"
 
 
@@ -287,26 +274,31 @@ def held_out_comparison(comparisons: list[tuple[Comparison, Path]], seeds: int, 
     seed 0 and the re-evaluations' seeds picked it), so a gain measured on those seeds is partly the noise the choice
     selected. Fresh seeds measure what a user gets."""
     chosen = [(c, out_dir) for c, out_dir in comparisons if c.chosen is not None]
-    jobs = [(out_dir, t, c) for c, out_dir in chosen for t in (c.seed_rule, c.chosen)]
     held_out = list(range(HELD_OUT_FIRST_SEED, HELD_OUT_FIRST_SEED + seeds))
-    known = reevaluate(jobs, held_out, folders)
+    known = reevaluate([(o, t, c) for c, o in chosen for t in (c.seed_rule, c.chosen)], held_out, folders)
     print(f"\nChosen plan vs seed rule at 50%, recovered with held-out seeds {held_out[0]}..{held_out[-1]} "
           "(gain = chosen - seed rule, seed by seed):")
-    print("| study | seed rule | mean ± sd | chosen (trial) | mean ± sd | gain mean ± sd |")
-    print("|---|---|---|---|---|---|")
-    gains = []
-    for c, out_dir in chosen:
-        rule = [known[f"{_plan_key(out_dir, c.seed_rule.number)}:{s}"] for s in held_out]
-        pick = [known[f"{_plan_key(out_dir, c.chosen.number)}:{s}"] for s in held_out]
-        paired = [b - r for b, r in zip(pick, rule)]
-        gains.append(statistics.fmean(paired))
-        print(f"| {out_dir.name} | {' '.join(f'{v:.3f}' for v in rule)} | {mean_sd(rule)[0]:.3f} ± "
-              f"{mean_sd(rule)[1]:.3f} | {' '.join(f'{v:.3f}' for v in pick)} ({c.chosen.number}) | "
-              f"{mean_sd(pick)[0]:.3f} ± {mean_sd(pick)[1]:.3f} | {mean_sd(paired)[0]:+.3f} ± "
-              f"{mean_sd(paired)[1]:.3f} |")
-    gain = mean_sd(gains)
+    gain = paired_table([(out_dir, c.seed_rule, c.chosen) for c, out_dir in chosen], held_out, known, "chosen")
     return f"held_out={seeds} held_out_gain_mean={gain[0]:.6f} held_out_gain_sd={gain[1]:.6f}"
 
+
+def paired_table(pairs: list[tuple[Path, optuna.trial.FrozenTrial, optuna.trial.FrozenTrial]], seeds: list[int],
+                 known: dict[str, float], label: str) -> tuple[float, float]:
+    """Print, per study, the seed rule's plan and another (`label`) recovered with `seeds`, and their gain seed by
+    seed (common random numbers); the gains' mean and sd over studies."""
+    print(f"| study | seed rule | mean ± sd | {label} (trial) | mean ± sd | gain mean ± sd |")
+    print("|---|---|---|---|---|---|")
+    gains = []
+    for out_dir, rule_trial, other_trial in pairs:
+        rule = [known[f"{_plan_key(out_dir, rule_trial.number)}:{s}"] for s in seeds]
+        other = [known[f"{_plan_key(out_dir, other_trial.number)}:{s}"] for s in seeds]
+        paired = [b - r for b, r in zip(other, rule)]
+        gains.append(statistics.fmean(paired))
+        print(f"| {out_dir.name} | {' '.join(f'{v:.3f}' for v in rule)} | {mean_sd(rule)[0]:.3f} ± "
+              f"{mean_sd(rule)[1]:.3f} | {' '.join(f'{v:.3f}' for v in other)} ({other_trial.number}) | "
+              f"{mean_sd(other)[0]:.3f} ± {mean_sd(other)[1]:.3f} | {mean_sd(paired)[0]:+.3f} ± "
+              f"{mean_sd(paired)[1]:.3f} |")
+    return mean_sd(gains)
 
 if __name__ == "__main__":
     main()
