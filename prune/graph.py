@@ -19,6 +19,7 @@ from typing import Any
 import paddle
 from paddle.static import InputSpec
 
+from train.dy2static_cache import convert_each_class_once
 from train.models.detector import check_input_size as check_model_input_size
 
 # Attributes the coupling rules read; copying only these keeps the trace plain data.
@@ -103,6 +104,7 @@ def trace(model: paddle.nn.Layer, input_size: tuple[int, int] = (64, 64), traini
     """
     height, width = check_input_size(input_size)
     keys = parameter_keys(model)
+    convert_each_class_once()
     was_training = model.training
     model.train() if training else model.eval()
     try:

@@ -20,6 +20,7 @@ from paddle.base import framework
 from paddle.base.layer_helper import LayerHelper
 from paddle.static import InputSpec
 
+from train.dy2static_cache import convert_each_class_once
 from train.errors import ConfigError
 from train.models.detector import check_input_size
 from train.models.zoo import simplify_for_inference
@@ -136,6 +137,7 @@ def export_inference(model: nn.Layer, out_dir: str | Path, input_size: tuple[int
         raise ConfigError(f"program formats {list(formats)}: expected some of {list(PROGRAM_FILES)}")
     shape = [None, 3, None, None] if input_size is None else [1, 3, *check_input_size(input_size)]
     out_dir = Path(out_dir)
+    convert_each_class_once()
     deployed = inference_form(model)
     params: bytes | None = None
     for program in formats:
