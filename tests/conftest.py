@@ -74,7 +74,7 @@ TINY_SEARCH = [
     "sensitivity.images=1", "sensitivity.split=train", "sensitivity.ratios=[0.3,0.6]",
     "sensitivity.limit_side_len=96",
     "finetune.steps=2", "finetune.batch_size=2", "finetune.crop_size=64", "finetune.warmup_steps=0",
-    "prune.input_size=[64,64]", "measure.runs=1", "measure.warmup=0",
+    "prune.input_size=[64,64]", "measure.runs=1", "measure.warmup=0", "measure.max_rounds=12",
     "search.targets=[0.3,0.5]", "search.screening.max_images=2",
     "search.screening.bn_batches=0", "search.screening.margin=0", "progress=false",
     "search.workers=1",  # one process per study here; test_search_cli runs the parallel default
