@@ -23,6 +23,8 @@ def conversions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return paddle_convert(self, func)
 
     monkeypatch.setattr(program_translator.FunctionCache, "_convert", counted)
+    # Whatever this process converted before (other tests on this worker) is forgotten: the test sees every class.
+    program_translator._FUNCTION_CACHE._converted_static_func_caches.clear()
     return converted
 
 

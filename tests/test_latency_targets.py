@@ -22,7 +22,9 @@ from prune.latency_model import (FIXED, LatencyModel, LatencyModelKey, MeasuredP
                                   latency_predictor, predict_ratio, random_counts, relative_features)
 from prune.plan import apply_plan, keep_count
 from search.attributes import STUDY_SPACE, TRIAL_BASELINE, TRIAL_PROJECTED_COST, TRIAL_TARGET
+from search.pareto import format_front
 from search.space import SearchSpace
+from search.study import trial_records
 from train.locks import cpu_work
 from train.weights import load_detector
 
@@ -102,4 +104,7 @@ def test_a_latency_target_study_projects_on_the_stored_fit(tmp_path):
     assert abs(seed_rule[0].user_attrs[TRIAL_PROJECTED_COST] - 0.9) <= 0.04  # the rule's band, widened at a jump
     for t in sampled:
         assert t.user_attrs[TRIAL_PROJECTED_COST] <= max(0.9, floor) + 1e-9
-    assert "lat<=0.90" in proc.stdout  # the Pareto table names the target as it was given
+    # The Pareto table names the target as it was given (the rule's row, whether or not the noisy timing of a
+    # 64x64 model left it on the front).
+    rule_record = next(r for r in trial_records(study, {}) if r.number == seed_rule[0].number)
+    assert "seed_rule lat<=0.90" in format_front([rule_record], None)
