@@ -42,7 +42,7 @@ from search.attributes import (EXPORT_PREFIX, STUDY_CHOSEN, STUDY_REFERENCE, TRI
 from search.export_recovery import export_recovery_settings, recover_in_runs, recover_run, resolve_runs
 from search.objective import (PLAN_FILE, WEIGHTS_FILE, evaluated_images, guard_candidate, load_trial_data,
                               measure_against_unpruned)
-from search.study import load_study, make_storage, storage_file
+from search.study import load_study, make_storage, storage_file, trial_records
 from search.tracking import RunLogger, Tracker
 from train.cli import exit_on_user_error, print_result_line, run_app
 from train.data.dataset import DetDataset
@@ -76,6 +76,17 @@ class SelectedTrial:
     number: int
     run_id: str
     attrs: dict[str, Any]
+
+
+def study_hmean(study: optuna.Study, selected: SelectedTrial) -> str:
+    """The trial's hmean as the study has it: its own recovery's, and, for a re-evaluated plan, the mean over its
+    recovery seeds that the study chose by (the export continues from the trial's own weights)."""
+    own = f"hmean {float(selected.attrs['hmean']):.4f}"
+    record = next((r for r in trial_records(study, {}) if r.number == selected.number), None)
+    if record is None or record.seeds < 2:
+        return f"{own} in the study"
+    return (f"{own} with its weights in the study, {record.hmean:.4f} ± {record.hmean_sd:.4f} over {record.seeds} "
+            "recovery seeds")
 
 
 def select_trial(study: optuna.Study, trial: int | None, run_id: str | None) -> SelectedTrial:
@@ -316,8 +327,9 @@ def main(cfg: DictConfig) -> None:
     target = Path(cfg.export.dir or out_dir / "export" / f"trial-{selected.number}").resolve()
     settings = export_recovery_settings(cfg)
     runs = resolve_runs(cfg.export.finetune.runs, int(cfg.export.finetune.threads), cfg.device)
+    in_study = study_hmean(study, selected)
     print(f"exporting trial {selected.number} of study {cfg.search.study_name!r} (MLflow run {selected.run_id}, "
-          f"hmean {selected.attrs['hmean']:.4f} in the study) to {target}", flush=True)
+          f"{in_study}) to {target}", flush=True)
 
     with tempfile.TemporaryDirectory() as scratch:
         plan_path, weights_path = trial_files(out_dir, selected, tracker, Path(scratch))
@@ -375,7 +387,7 @@ def main(cfg: DictConfig) -> None:
     if resume is not None:
         shutil.rmtree(resume, ignore_errors=True)
 
-    print(f"trial {selected.number}: hmean {report.trial_hmean:.4f} in the study, {report.hmean:.4f} exported "
+    print(f"trial {selected.number}: {in_study}; {report.hmean:.4f} exported "
           f"(+{steps} recovery steps)"
           + ("" if guard is None else f", teacher agreement {guard.agreement:.4f}, {guard.false_boxes:.2f} false boxes "
              "per text-free image") + f"; FLOPs {report.flops:,} ({report.flops_ratio:.3f}x), latency "

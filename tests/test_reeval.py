@@ -17,6 +17,7 @@ from optuna.trial import TrialState, create_trial
 from conftest import STUDY, TEST_CPU_LOCK, TINY_SEARCH, run_cli
 from search.attributes import STUDY_REEVAL, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, Metric
 from search.config import objectives
+from search.export import select_trial, study_hmean
 from search.pareto import pareto_front, select
 from search.reeval import ReevalJob, claimed_jobs, plan_jobs, planned_jobs, store_jobs, taken_earlier
 from search.study import Budget, count_finished, over_budget, trial_records
@@ -154,6 +155,11 @@ def test_a_study_re_evaluates_its_best_plan_and_chooses_by_the_mean(tmp_path):
     assert third.data.tags["mlflow.runName"].endswith(f"seed 1 of trial {best}")
     assert third.data.tags["reeval_of"] == str(best) and third.info.status == "FINISHED"
     assert runs[trials[best].user_attrs["mlflow_run_id"]].data.tags["seeds"] == "3"
+    # The export names both figures: the weights it continues from (seed 0), and the mean the study chose by.
+    assert study_hmean(study, select_trial(study, best, None)) == (
+        f"hmean {hmeans[0]:.4f} with its weights in the study, {np.mean(hmeans):.4f} ± {np.std(hmeans, ddof=1):.4f} "
+        "over 3 recovery seeds")
+    assert study_hmean(study, select_trial(study, 0, None)) == f"hmean {trials[0].user_attrs['hmean']:.4f} in the study"
 
     again = run_cli("search", args, env)
     assert again.returncode == 0, again.stderr[-3000:]
