@@ -40,7 +40,8 @@ def convert_each_class_once() -> None:
     cache_class = program_translator.FunctionCache
     if getattr(cache_class, _INSTALLED, False):
         return
-    if not hasattr(cache_class, "_convert") or "_converted_static_func_caches" not in vars(cache_class()):
+    if not hasattr(cache_class, "_convert") or not hasattr(program_translator._FUNCTION_CACHE,
+                                                          "_converted_static_func_caches"):
         return  # another Paddle than the one this was written against (3.1.1): leave its cache as it is
     cache_class.convert_with_cache = _convert_with_cache
     setattr(cache_class, _INSTALLED, True)
