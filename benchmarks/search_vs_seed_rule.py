@@ -300,5 +300,6 @@ def paired_table(pairs: list[tuple[Path, optuna.trial.FrozenTrial, optuna.trial.
               f"{mean_sd(paired)[1]:.3f} |")
     return mean_sd(gains)
 
+
 if __name__ == "__main__":
     main()
