@@ -174,7 +174,7 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
     if spec.baseline:
         tags["baseline"] = spec.baseline
     if spec.reeval_of is not None:
-        tags.update(reeval_of=spec.reeval_of, recovery_seed=spec.recovery_seed)
+        tags.update(reeval_of=spec.reeval_of, recovery_seed=spec.recovery_seed, confirms=spec.confirms)
     tracker = tracker_for(cfg)
     run = tracker.start_run(f"trial-{spec.number}", parent_run_id=cfg.tracking.parent_run_id, tags=tags)
     # At once: if this worker is killed from here on, the worker that fails the stale trial ends this run KILLED.
@@ -193,7 +193,10 @@ def run_study_trial(cfg: DictConfig) -> TrialOutcome:
     finally:
         release_freed_memory()
     title = run_title(spec.number, result)
-    run.rename(title if spec.reeval_of is None else f"{title} seed {spec.recovery_seed} of trial {spec.reeval_of}")
+    if spec.reeval_of is not None:
+        kind = "confirmation seed" if spec.confirms else "seed"
+        title = f"{title} {kind} {spec.recovery_seed} of trial {spec.reeval_of}"
+    run.rename(title)
     # A launcher's job can outlive its worker (a SLURM job after the sweeper's host was lost): once another worker
     # gave the trial up as stale, its run must not stay FINISHED beside a failed trial.
     trial = study.get_trials(deepcopy=False)[spec.number]

@@ -18,7 +18,8 @@ STUDY_PARENT_RUN = "mlflow_parent_run_id"
 STUDY_WARM_STARTED = "warm_started"
 STUDY_CHOSEN = "chosen_trial"
 STUDY_CREATION = "creation"     # the lease of the worker building the prior: {worker, attempt, heartbeat}
-STUDY_REEVAL = "reeval"         # the re-evaluation jobs, [[trial, recovery seed], ...], planned once the budget is met
+STUDY_REEVAL = "reeval"         # the re-evaluation jobs, [[trial, recovery seed], ...], planned once the budget is met,
+# and the confirmation jobs (`confirm`), planned once the re-evaluations have finished (search/reeval.py)
 
 # Trial user attributes (besides the trial's metrics, which are stored under their `Metric` names).
 TRIAL_RATIOS = "ratios"
@@ -38,6 +39,7 @@ TRIAL_WORKER = "worker"
 TRIAL_HEARTBEAT = "heartbeat"   # time.time() of the running trial's last heartbeat
 TRIAL_REEVAL_OF = "reeval_of"   # a re-evaluation: the trial whose plan it recovers again ...
 TRIAL_RECOVERY_SEED = "recovery_seed"  # ... with this recovery seed (finetune.seed)
+TRIAL_CONFIRMS = "confirms"     # ... as a confirmation: a fresh seed, kept out of the plan's mean (search.reeval)
 
 STALE_REASON = "stale: worker stopped sending heartbeats"
 DUPLICATE_REEVAL_REASON = "re-evaluation taken by another worker"
@@ -46,7 +48,7 @@ BUDGET_MET_REASON = "budget met by other workers"
 TRIAL_ATTRS = (TRIAL_RATIOS, TRIAL_SKIP_SET, TRIAL_BASELINE, TRIAL_TARGET, TRIAL_PROJECTED_COST,
                TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD, TRIAL_RUN_ID, TRIAL_SCREENED_OUT,
                TRIAL_STOPPED_AT, TRIAL_FAIL_REASON, TRIAL_WORKER, TRIAL_HEARTBEAT, TRIAL_REEVAL_OF,
-               TRIAL_RECOVERY_SEED)
+               TRIAL_RECOVERY_SEED, TRIAL_CONFIRMS)
 
 # What a warm-start trial is enqueued with (and enqueued again with when it is given up before it ran).
 WARM_START_ATTRS = (TRIAL_BASELINE, TRIAL_TARGET, TRIAL_SEED_RULE_REDUCTION, TRIAL_SEED_RULE_THRESHOLD)

@@ -158,8 +158,8 @@ def check_search_config(cfg: DictConfig) -> None:
         raise ConfigError(f"search.screening: bn_batches={screening.bn_batches} must be >= 0 and "
                           f"max_images={screening.max_images} >= 1")
     check_rungs(cfg)
-    for key in ("top", "seeds"):
-        if search.reeval[key] < 0:
+    for key in ("top", "seeds", "confirm_seeds"):
+        if search.reeval[key] is None or search.reeval[key] < 0:
             raise ConfigError(f"search.reeval.{key}={search.reeval[key]}: must be >= 0")
     for key in ("max_flops_ratio", "max_latency_ratio", "min_hmean"):
         _positive_or_null(search.constraints, "constraints", key)
@@ -168,6 +168,9 @@ def check_search_config(cfg: DictConfig) -> None:
     if search.select.min_gain is None or search.select.min_gain < 0:
         raise ConfigError(f"search.select.min_gain={search.select.min_gain}: must be >= 0 (0: the highest hmean "
                           "wins, however small its lead over the seed rule's plan)")
+    if search.select.confirm_gain is None:
+        raise ConfigError("search.select.confirm_gain=null: must be a number (the lead a searched plan must keep on "
+                          "the confirmation seeds; search.reeval.confirm_seeds=0 turns the confirmation off)")
     min_agreement = search.select.min_agreement
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise ConfigError(f"search.select.min_agreement={min_agreement}: must be in [0, 1] or null")

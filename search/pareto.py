@@ -42,10 +42,18 @@ class TrialRecord:
     seeds: int = 1                  # recovery seeds the accuracy figures are the mean of (search.reeval)
     hmean_sd: float = math.nan      # their hmean's standard deviation (two or more seeds)
     reeval_of: int | None = None    # a re-evaluation of that trial's plan: one of its seeds, never on the front
+    confirms: bool = False          # ... a confirmation seed of it (search.reeval.confirm_seeds)
+    confirm_hmeans: tuple[tuple[int, float], ...] = ()  # (seed, hmean) of its confirmation recoveries, kept out
+    #                                 of `hmean`: fresh seeds that nothing chose by (`confirmation_lead`)
 
     @property
     def flops_reduction(self) -> float:
         return 1.0 - self.flops_ratio
+
+    @property
+    def confirm_hmean(self) -> float:
+        """Mean hmean over its confirmation seeds (nan: none)."""
+        return float(np.mean([h for _, h in self.confirm_hmeans])) if self.confirm_hmeans else math.nan
 
     @property
     def speedup(self) -> float:
@@ -103,6 +111,14 @@ def knee(front: Sequence[TrialRecord], objectives: Sequence[Objective]) -> Trial
     return front[int(np.argmin(np.linalg.norm(values - ideal, axis=1)))]
 
 
+def confirmation_lead(searched: TrialRecord, rule: TrialRecord) -> tuple[float, int]:
+    """The searched plan's mean hmean lead over the rule's on the confirmation seeds both were recovered with, and
+    how many there are (nan, 0 when none)."""
+    theirs = dict(rule.confirm_hmeans)
+    leads = [hmean - theirs[seed] for seed, hmean in searched.confirm_hmeans if seed in theirs]
+    return (float(np.mean(leads)) if leads else math.nan), len(leads)
+
+
 @dataclass(frozen=True)
 class Selection:
     record: TrialRecord
@@ -124,8 +140,24 @@ def seed_rule_baseline(records: Sequence[TrialRecord], max_flops_ratio: float | 
     return max(rules, key=lambda r: (r.hmean, -r.flops_ratio), default=None)
 
 
+def searched_vs_rule(front: Sequence[TrialRecord], records: Sequence[TrialRecord], max_flops_ratio: float | None,
+                     max_latency_ratio: float | None) -> tuple[TrialRecord, TrialRecord] | None:
+    """(best searched plan, seed rule's plan) when the best front point within the select limits is a searched plan
+    and the seed rule has a plan there (among `records`): the contest `select` decides by `min_gain` and the
+    confirmation (`search.reeval`). None otherwise: the best point is chosen as it is."""
+    if max_flops_ratio is None and max_latency_ratio is None:
+        return None
+    within = [r for r in front if within_limits(r, max_flops_ratio, max_latency_ratio)]
+    rule = seed_rule_baseline(records, max_flops_ratio, max_latency_ratio)
+    if not within or rule is None:
+        return None
+    best = max(within, key=lambda r: (r.hmean, -r.flops_ratio))
+    return None if best.baseline else (best, rule)
+
+
 def select(front: Sequence[TrialRecord], objectives: Sequence[Objective], max_flops_ratio: float | None,
-           max_latency_ratio: float | None, records: Sequence[TrialRecord] = (), min_gain: float = 0.0) -> Selection:
+           max_latency_ratio: float | None, records: Sequence[TrialRecord] = (), min_gain: float = 0.0,
+           confirm_gain: float | None = None) -> Selection:
     """Highest hmean on the front within the configured cost limits (fewer FLOPs breaks ties); if no point is
     within them (or no limit is set), the knee.
 
@@ -133,19 +165,37 @@ def select(front: Sequence[TrialRecord], objectives: Sequence[Objective], max_fl
     only when it leads it by at least `min_gain` hmean. The study's scores of its best plan are the maximum over
     noisy recoveries, so a small lead is mostly the noise that picked it: three studies' chosen plans led the seed
     rule by +0.009 on the recovery seeds that chose them and trailed it by 0.009 on three seeds no study used
-    (README "The search"); below a clear lead the rule's plan, which nothing selected, is the better bet."""
+    (README "The search"); below a clear lead the rule's plan, which nothing selected, is the better bet.
+
+    `confirm_gain` (None: no confirmation): such a lead must also hold on the confirmation seeds both plans were
+    recovered with afterwards (`confirmation_lead` at least this); a plan without them is not chosen."""
     limits = [(name, limit) for name, limit in (("max_flops_ratio", max_flops_ratio),
                                                 ("max_latency_ratio", max_latency_ratio)) if limit is not None]
     within = [r for r in front if within_limits(r, max_flops_ratio, max_latency_ratio)]
     if limits and within:
-        best = max(within, key=lambda r: (r.hmean, -r.flops_ratio))
         described = " and ".join(f"{name}={limit:g}" for name, limit in limits)
-        rule = seed_rule_baseline(records, max_flops_ratio, max_latency_ratio)
-        if not best.baseline and rule is not None and best.hmean - rule.hmean < min_gain:
-            return Selection(rule, f"the seed rule's plan {rule.target_label} with {described}: the best searched "
-                                   f"plan (trial {best.number}) leads it by {best.hmean - rule.hmean:+.4f}, under "
-                                   f"search.select.min_gain={min_gain:g}")
-        return Selection(best, f"highest hmean with {described}")
+        contest = searched_vs_rule(front, records, max_flops_ratio, max_latency_ratio)
+        if contest is None:
+            return Selection(max(within, key=lambda r: (r.hmean, -r.flops_ratio)), f"highest hmean with {described}")
+        best, rule = contest
+        lead = best.hmean - rule.hmean
+        kept = (f"the seed rule's plan {rule.target_label} with {described}: the best searched plan "
+                f"(trial {best.number})")
+        if lead < min_gain:
+            return Selection(rule, f"{kept} leads it by {lead:+.4f}, under search.select.min_gain={min_gain:g}")
+        if confirm_gain is None:
+            return Selection(best, f"highest hmean with {described}")
+        confirmed, seeds = confirmation_lead(best, rule)
+        if not seeds:
+            return Selection(rule, f"{kept} leads it by {lead:+.4f}, but was not confirmed on fresh seeds (no "
+                                   "confirmation recoveries of both plans finished)")
+        if confirmed < confirm_gain:
+            return Selection(rule, f"{kept} leads it by {lead:+.4f} on the study's seeds, but by {confirmed:+.4f} "
+                                   f"on {seeds} fresh confirmation seed(s), under "
+                                   f"search.select.confirm_gain={confirm_gain:g}")
+        return Selection(best, f"highest hmean with {described}; its lead over the seed rule's plan (trial "
+                               f"{rule.number}), {lead:+.4f}, held on {seeds} fresh confirmation seed(s): "
+                               f"{confirmed:+.4f}")
     reason = "knee of the front" + (" (no front point within the select limits)" if limits else "")
     return Selection(knee(front, objectives), reason)
 
@@ -155,14 +205,15 @@ def dominated_with_margin(hmean: float, cost: float, others: Sequence[tuple[floa
     return any(other_cost <= cost and other_hmean >= hmean + margin for other_hmean, other_cost in others)
 
 
-_COLUMNS = ("trial", "hmean", "hmean_sd", "seeds", "precision", "recall", "agreement", "false_boxes", "flops_ratio",
-            "flops_reduction", "latency_ratio", "speedup", "params", "baseline", "target_reduction", "reeval_of",
-            "feasible", "run_id")
+_COLUMNS = ("trial", "hmean", "hmean_sd", "seeds", "confirm_hmean", "precision", "recall", "agreement", "false_boxes",
+            "flops_ratio", "flops_reduction", "latency_ratio", "speedup", "params", "baseline", "target_reduction",
+            "reeval_of", "confirms", "feasible", "run_id")
 
 
 def _row(record: TrialRecord) -> list[str]:
     values = {f.name: getattr(record, f.name) for f in fields(record)}
-    values.update(trial=record.number, flops_reduction=record.flops_reduction, speedup=record.speedup)
+    values.update(trial=record.number, flops_reduction=record.flops_reduction, speedup=record.speedup,
+                  confirm_hmean=record.confirm_hmean)
     out = []
     for column in _COLUMNS:
         value = values[column]

@@ -12,6 +12,15 @@ accuracy over its seeds (`search.study.trial_records`), so the front and the cho
 The jobs are planned once per budget and stored in the study (`STUDY_REEVAL`): every worker that reaches the end of
 the budget computes the same plan from the same finished trials, so writing it twice is harmless. Two workers that
 ask the same job at once keep the lower-numbered trial (the rule `search.study.over_budget` uses).
+
+Confirmation: the re-evaluated means still choose among plans by the seeds that ranked them, so a searched plan
+can pass `search.select.min_gain` by luck (the study `v23`: +0.021 over its three seeds, -0.002 over three seeds
+no study used; README "The search"). Once every re-evaluation has finished, if the choice would replace the seed
+rule's plan with a searched one, both plans are recovered with `search.reeval.confirm_seeds` fresh seeds
+(`finetune.seed` + `seeds` + 1, ...): trials that carry `confirms`, kept out of the plans' means, whose paired lead
+the choice then requires to be at least `search.select.confirm_gain`. Planned once per budget (`confirm_n_trials`
+in `STUDY_REEVAL`), run like the re-evaluations, and only when a searched plan would be chosen, so it costs a study
+nothing otherwise.
 """
 from __future__ import annotations
 
@@ -21,17 +30,18 @@ from typing import Sequence
 import optuna
 from optuna.trial import TrialState
 
-from search.attributes import (BASELINE_UNPRUNED, FINISHED, STUDY_REEVAL, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF,
-                               Metric)
+from search.attributes import (BASELINE_UNPRUNED, FINISHED, STUDY_REEVAL, TRIAL_CONFIRMS, TRIAL_RECOVERY_SEED,
+                               TRIAL_REEVAL_OF, Metric)
 from search.pareto import TrialRecord, seed_rule_baseline, within_limits
 
 
 @dataclass(frozen=True, order=True)
 class ReevalJob:
-    """Recover trial ``trial``'s plan again with recovery seed ``seed``."""
+    """Recover trial ``trial``'s plan again with recovery seed ``seed`` (``confirm``: as a confirmation)."""
 
     trial: int
     seed: int
+    confirm: bool = False
 
 
 def is_reeval(attrs: dict) -> bool:
@@ -56,11 +66,16 @@ def plan_jobs(records: Sequence[TrialRecord], top: int, seeds: int, base_seed: i
 
 
 def planned_jobs(study: optuna.Study, n_trials: int) -> list[ReevalJob] | None:
-    """The jobs planned for a budget of ``n_trials`` (None: not planned yet)."""
+    """The jobs planned for a budget of ``n_trials``, confirmations included (None: not planned yet)."""
     stored = study.user_attrs.get(STUDY_REEVAL)
     if not stored or stored.get("n_trials") != n_trials:
         return None
-    return [ReevalJob(int(t), int(s)) for t, s in stored["jobs"]]
+    return _jobs(stored)
+
+
+def _jobs(stored: dict) -> list[ReevalJob]:
+    return sorted([*(ReevalJob(int(t), int(s)) for t, s in stored.get("jobs", [])),
+                   *(ReevalJob(int(t), int(s), confirm=True) for t, s in stored.get("confirm", []))])
 
 
 def store_jobs(study: optuna.Study, n_trials: int, jobs: Sequence[ReevalJob]) -> list[ReevalJob]:
@@ -69,12 +84,36 @@ def store_jobs(study: optuna.Study, n_trials: int, jobs: Sequence[ReevalJob]) ->
     stored = study.user_attrs.get(STUDY_REEVAL) or {}
     earlier = [ReevalJob(int(t), int(s)) for t, s in stored.get("jobs", [])]
     merged = sorted(set(earlier) | set(jobs))
-    study.set_user_attr(STUDY_REEVAL, {"n_trials": n_trials, "jobs": [[j.trial, j.seed] for j in merged]})
-    return merged
+    study.set_user_attr(STUDY_REEVAL, {**stored, "n_trials": n_trials,
+                                       "jobs": [[j.trial, j.seed] for j in merged]})
+    return _jobs(study.user_attrs[STUDY_REEVAL])
+
+
+def confirmation_planned(study: optuna.Study, n_trials: int) -> bool:
+    """Whether the confirmation of the budget of ``n_trials`` was planned (with or without jobs)."""
+    return (study.user_attrs.get(STUDY_REEVAL) or {}).get("confirm_n_trials") == n_trials
+
+
+def confirm_jobs(searched: int, rule: int, seeds: int, first_seed: int) -> list[ReevalJob]:
+    """Both plans, each with recovery seeds ``first_seed`` .. ``first_seed + seeds - 1``: the same seeds, so the
+    lead is paired (the same crops in the same order for both)."""
+    return [ReevalJob(n, first_seed + k, confirm=True) for n in (searched, rule) for k in range(seeds)]
+
+
+def store_confirmation(study: optuna.Study, n_trials: int, jobs: Sequence[ReevalJob]) -> list[ReevalJob]:
+    """Store the confirmation planned for a budget of ``n_trials`` (keeping an earlier budget's); returns every job
+    the study holds now. Two workers that plan it at once plan the same jobs from the same finished trials."""
+    stored = study.user_attrs.get(STUDY_REEVAL) or {}
+    earlier = {(int(t), int(s)) for t, s in stored.get("confirm", [])}
+    merged = sorted(earlier | {(j.trial, j.seed) for j in jobs})
+    study.set_user_attr(STUDY_REEVAL, {**stored, "confirm": [list(j) for j in merged], "confirm_n_trials": n_trials})
+    return _jobs(study.user_attrs[STUDY_REEVAL])
 
 
 def job_of(attrs: dict) -> ReevalJob | None:
-    return ReevalJob(int(attrs[TRIAL_REEVAL_OF]), int(attrs[TRIAL_RECOVERY_SEED])) if is_reeval(attrs) else None
+    if not is_reeval(attrs):
+        return None
+    return ReevalJob(int(attrs[TRIAL_REEVAL_OF]), int(attrs[TRIAL_RECOVERY_SEED]), bool(attrs.get(TRIAL_CONFIRMS)))
 
 
 def claimed_jobs(study: optuna.Study) -> dict[ReevalJob, TrialState]:

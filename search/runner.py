@@ -28,7 +28,8 @@ from prune.sensitivity.report import plot_curves, write_csv
 from search.app import TrialFailed, TrialOutcome, tracker_for
 from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, DUPLICATE_REEVAL_REASON,
                                FINISHED, STALE_REASON, STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE,
-                               STUDY_SETTINGS, STUDY_SPACE, TRIAL_BASELINE, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT,
+                               STUDY_SETTINGS, STUDY_SPACE, TRIAL_BASELINE, TRIAL_CONFIRMS, TRIAL_FAIL_REASON,
+                               TRIAL_HEARTBEAT,
                                TRIAL_PROJECTED_COST, TRIAL_RATIOS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, TRIAL_RUN_ID,
                                TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_STOPPED_AT, TRIAL_TARGET, TRIAL_WORKER,
                                Metric)
@@ -36,10 +37,12 @@ from search.config import (check_same_settings, check_search_config, flat_config
                            study_constraints, task_config)
 from search.heartbeat import Heartbeat, Liveness, worker_id
 from search.objective import load_trial_data, study_datasets
-from search.pareto import Selection, TrialRecord, format_front, pareto_front, plot_front, select
+from search.pareto import (Selection, TrialRecord, format_front, pareto_front, plot_front, searched_vs_rule,
+                           select)
 from search.pareto import write_csv as write_records
 from search.prior import Prior, always_skip_groups, build_prior, check_always_skip, help_scan
-from search.reeval import ReevalJob, claimed_jobs, plan_jobs, planned_jobs, store_jobs, taken_earlier
+from search.reeval import (ReevalJob, claimed_jobs, confirm_jobs, confirmation_planned, plan_jobs, planned_jobs,
+                           store_confirmation, store_jobs, taken_earlier)
 from search.sampling import TrialSeededSampler, make_sampler, warm_start_trials
 from search.space import Candidate, SearchSpace, suggest
 from search.study import (Budget, claim_creation, count_finished, enqueue_warm_start, fail_stale_trials, give_up,
@@ -336,8 +339,8 @@ class StudyRunner:
                 trial.set_user_attr(TRIAL_PROJECTED_COST, candidate.cost_ratio)
 
     def _open_reeval_jobs(self) -> list[ReevalJob] | None:
-        """The budget is met: the re-evaluation jobs no trial holds (planned here if no worker did yet); None when
-        every job has finished (or there are none)."""
+        """The budget is met: the re-evaluation jobs no trial holds (planned here if no worker did yet), then, once
+        they have all finished, the confirmation's; None when every job has finished (or there are none)."""
         n_trials, reeval, limits = self.cfg.search.n_trials, self.cfg.search.reeval, self.cfg.search.select
         jobs = planned_jobs(self.study, n_trials)
         if jobs is None:
@@ -349,9 +352,30 @@ class StudyRunner:
                 log.info("re-evaluating trial(s) %s with %d more recovery seed(s) each before choosing",
                          ", ".join(str(n) for n in sorted({j.trial for j in planned})), reeval.seeds)
         held = claimed_jobs(self.study)
+        if all(held.get(job) in FINISHED for job in jobs) and not confirmation_planned(self.study, n_trials):
+            jobs = self._plan_confirmation()
         if all(held.get(job) in FINISHED for job in jobs):
             return None
         return [job for job in jobs if job not in held]
+
+    def _plan_confirmation(self) -> list[ReevalJob]:
+        """Every re-evaluation has finished: when the choice would replace the seed rule's plan with a searched one
+        (its lead at least `min_gain`), both are recovered with `reeval.confirm_seeds` fresh seeds first. Returns
+        every job of the budget."""
+        n_trials, reeval, limits = self.cfg.search.n_trials, self.cfg.search.reeval, self.cfg.search.select
+        planned: list[ReevalJob] = []
+        if reeval.confirm_seeds > 0:
+            records = trial_records(self.study, study_constraints(self.cfg))
+            contest = searched_vs_rule(pareto_front(records, self.objectives), records, limits.max_flops_ratio,
+                                       limits.max_latency_ratio)
+            if contest is not None and contest[0].hmean - contest[1].hmean >= limits.min_gain:
+                searched, rule = contest
+                first = int(self.cfg.finetune.seed) + reeval.seeds + 1
+                planned = confirm_jobs(searched.number, rule.number, reeval.confirm_seeds, first)
+                log.info("trial %d leads the seed rule's plan (trial %d) by %+.4f: confirming the lead on fresh "
+                         "recovery seed(s) %s of both before choosing", searched.number, rule.number,
+                         searched.hmean - rule.hmean, ", ".join(str(first + k) for k in range(reeval.confirm_seeds)))
+        return store_confirmation(self.study, n_trials, planned)
 
     def _ask_reeval(self, jobs: Sequence[ReevalJob]) -> None:
         """Ask one trial per job into `self.pending`, with the original trial's plan and the job's recovery seed. A
@@ -361,6 +385,8 @@ class StudyRunner:
             trial = self._ask_one()
             trial.set_user_attr(TRIAL_REEVAL_OF, job.trial)
             trial.set_user_attr(TRIAL_RECOVERY_SEED, job.seed)
+            if job.confirm:
+                trial.set_user_attr(TRIAL_CONFIRMS, True)
             if taken_earlier(self.study, trial.number, job):
                 give_up(self.study, trial.number, DUPLICATE_REEVAL_REASON)
                 continue
@@ -451,8 +477,9 @@ class StudyRunner:
             raise ConfigError(f"no complete trial of study {self.name!r} meets search.constraints and "
                               f"search.select.min_agreement: {study_constraints(cfg)}")
         limits = cfg.search.select
+        confirm_gain = limits.confirm_gain if cfg.search.reeval.confirm_seeds > 0 else None
         chosen = select(front, self.objectives, limits.max_flops_ratio, limits.max_latency_ratio, records,
-                        limits.min_gain)
+                        limits.min_gain, confirm_gain)
         # The seed rule's plan kept over a searched one that leads it by less than min_gain may be off the front:
         # the table shows it beside the front.
         on_front = any(r.number == chosen.record.number for r in front)
@@ -496,12 +523,14 @@ class StudyRunner:
     def _tag_runs(self, front: set[int], chosen: int, records: Sequence[TrialRecord]) -> None:
         """`pareto` and `chosen` on every finished trial's run (true or false), so a front that moved since the
         last invocation leaves no stale tag behind; a re-evaluated trial's run also gets its mean over seeds."""
-        seeded = {r.number: r for r in records if r.seeds > 1}
+        by_number = {r.number: r for r in records}
         for trial in self.study.get_trials(deepcopy=False, states=FINISHED):
             run_id = trial.user_attrs.get(TRIAL_RUN_ID)
             if run_id:
                 tags: dict[str, Any] = {"pareto": trial.number in front, "chosen": trial.number == chosen}
-                if trial.number in seeded:
-                    r = seeded[trial.number]
+                r = by_number.get(trial.number)
+                if r is not None and r.seeds > 1:
                     tags.update(seeds=r.seeds, hmean_mean=f"{r.hmean:.6f}", hmean_sd=f"{r.hmean_sd:.6f}")
+                if r is not None and r.confirm_hmeans:
+                    tags.update(confirm_seeds=len(r.confirm_hmeans), confirm_hmean=f"{r.confirm_hmean:.6f}")
                 self.tracker.set_tags(run_id, tags)

@@ -27,8 +27,8 @@ from omegaconf.errors import InterpolationResolutionError
 from optuna.trial import FrozenTrial, TrialState
 
 from search.attributes import (FINISHED, STALE_REASON, STUDY_SPACE, STUDY_WARM_STARTED, TRIAL_BASELINE,
-                               TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_RATIOS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF,
-                               TRIAL_RUN_ID, TRIAL_SKIP_SET, TRIAL_TARGET, WARM_START_ATTRS, Metric)
+                               TRIAL_CONFIRMS, TRIAL_FAIL_REASON, TRIAL_HEARTBEAT, TRIAL_RATIOS, TRIAL_RECOVERY_SEED,
+                               TRIAL_REEVAL_OF, TRIAL_RUN_ID, TRIAL_SKIP_SET, TRIAL_TARGET, WARM_START_ATTRS, Metric)
 from search.config import Objective, mask_url
 from search.pareto import TrialRecord
 from search.reeval import SEED_METRICS, is_reeval
@@ -270,6 +270,7 @@ class TrialSpec:
     target_reduction: float | None
     reeval_of: int | None = None        # a re-evaluation of that trial's plan (search.reeval) ...
     recovery_seed: int | None = None    # ... recovered with this finetune.seed
+    confirms: bool = False              # ... as a confirmation of its lead (or the seed rule's) on a fresh seed
 
 
 def trial_spec(study: optuna.Study, number: int) -> TrialSpec:
@@ -280,7 +281,7 @@ def trial_spec(study: optuna.Study, number: int) -> TrialSpec:
     return TrialSpec(number=number, ratios={k: float(v) for k, v in json.loads(attrs[TRIAL_RATIOS]).items()},
                      skip_set=list(attrs.get(TRIAL_SKIP_SET, [])), baseline=attrs.get(TRIAL_BASELINE, ""),
                      target_reduction=attrs.get(TRIAL_TARGET), reeval_of=attrs.get(TRIAL_REEVAL_OF),
-                     recovery_seed=attrs.get(TRIAL_RECOVERY_SEED))
+                     recovery_seed=attrs.get(TRIAL_RECOVERY_SEED), confirms=bool(attrs.get(TRIAL_CONFIRMS)))
 
 
 def screening_points(study: optuna.Study, cost_metric: str) -> list[tuple[float, float]]:
@@ -295,14 +296,21 @@ def trial_records(study: optuna.Study, constraints: Mapping[str, float | None]) 
 
     A trial whose plan was re-evaluated (`search.reeval`) has its accuracy figures (`SEED_METRICS`) averaged over
     its own recovery and its complete re-evaluations, `seeds` and `hmean_sd` set, and its feasibility judged on
-    the means; each re-evaluation is also a record of its own (`reeval_of`), with its single seed's figures.
+    the means; each re-evaluation is also a record of its own (`reeval_of`), with its single seed's figures. A
+    confirmation's hmean goes to its trial's `confirm_hmeans` instead, never into the means.
     """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     target_cost = study.user_attrs.get(STUDY_SPACE, {}).get("cost", "flops")
     seeds: dict[int, list[Mapping[str, Any]]] = {}
+    confirmations: dict[int, list[tuple[int, float]]] = {}
     for t in complete:
         if is_reeval(t.user_attrs):
-            seeds.setdefault(int(t.user_attrs[TRIAL_REEVAL_OF]), []).append(t.user_attrs)
+            of = int(t.user_attrs[TRIAL_REEVAL_OF])
+            if t.user_attrs.get(TRIAL_CONFIRMS):
+                confirmations.setdefault(of, []).append((int(t.user_attrs[TRIAL_RECOVERY_SEED]),
+                                                         float(t.user_attrs[Metric.HMEAN])))
+            else:
+                seeds.setdefault(of, []).append(t.user_attrs)
     records = []
     for t in complete:
         a = dict(t.user_attrs)
@@ -321,5 +329,6 @@ def trial_records(study: optuna.Study, constraints: Mapping[str, float | None]) 
             agreement=float(a.get(Metric.AGREEMENT, math.nan)), false_boxes=float(a.get(Metric.FALSE_BOXES, math.nan)),
             feasible=all(v <= 0 for v in constraint_values(a, constraints)), seeds=len(runs),
             hmean_sd=float(np.std(hmeans, ddof=1)) if len(runs) > 1 else math.nan,
-            reeval_of=a.get(TRIAL_REEVAL_OF)))
+            reeval_of=a.get(TRIAL_REEVAL_OF), confirms=bool(a.get(TRIAL_CONFIRMS)),
+            confirm_hmeans=tuple(sorted(confirmations.get(t.number, [])))))
     return records

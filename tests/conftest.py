@@ -78,7 +78,7 @@ TINY_SEARCH = [
     "search.targets=[0.3,0.5]", "search.screening.max_images=2",
     "search.screening.bn_batches=0", "search.screening.margin=0", "progress=false",
     "search.workers=1",  # one process per study here; test_search_cli runs the parallel default
-    "search.reeval.top=0",  # no re-evaluations here; test_reeval runs them
+    "search.reeval.top=0", "search.reeval.confirm_seeds=0",  # no re-evaluations here; test_reeval runs them
     f"search.study_name={STUDY}",
 ]
 

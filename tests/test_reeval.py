@@ -15,11 +15,12 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from conftest import STUDY, TEST_CPU_LOCK, TINY_SEARCH, run_cli
-from search.attributes import STUDY_REEVAL, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, Metric
+from search.attributes import STUDY_REEVAL, TRIAL_CONFIRMS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, Metric
 from search.config import objectives
 from search.export import select_trial, study_hmean
-from search.pareto import pareto_front, select
-from search.reeval import ReevalJob, claimed_jobs, plan_jobs, planned_jobs, store_jobs, taken_earlier
+from search.pareto import confirmation_lead, pareto_front, select
+from search.reeval import (ReevalJob, claimed_jobs, confirm_jobs, confirmation_planned, plan_jobs, planned_jobs,
+                           store_confirmation, store_jobs, taken_earlier)
 from search.study import Budget, count_finished, over_budget, trial_records
 from train.locks import cpu_work
 
@@ -120,6 +121,42 @@ def test_jobs_are_planned_once_per_budget_and_a_failed_one_is_open_again():
     assert not taken_earlier(study, running.number, ReevalJob(2, 1))
 
 
+def test_confirmations_are_planned_once_per_budget_and_kept_out_of_the_means():
+    study = _study()
+    rule = _add(study, 0.88, 0.49, baseline="seed_rule")
+    store_jobs(study, 5, [ReevalJob(2, 1)])
+    assert not confirmation_planned(study, 5)
+    jobs = confirm_jobs(2, rule, seeds=2, first_seed=3)
+    assert jobs == [ReevalJob(2, 3, True), ReevalJob(2, 4, True), ReevalJob(rule, 3, True), ReevalJob(rule, 4, True)]
+    held = store_confirmation(study, 5, jobs)
+    assert confirmation_planned(study, 5) and held == planned_jobs(study, 5) == sorted([ReevalJob(2, 1), *jobs])
+    assert store_confirmation(study, 5, jobs) == held  # a second worker plans the same
+    assert store_jobs(study, 8, []) == held and not confirmation_planned(study, 8)  # a larger budget: again
+    assert store_confirmation(study, 8, []) == held and confirmation_planned(study, 8)  # nothing to confirm there
+
+    # A running confirmation is claimed as such (another seed of the plan with the same number is another job).
+    running = study.ask()
+    for key, value in ((TRIAL_REEVAL_OF, 2), (TRIAL_RECOVERY_SEED, 3), (TRIAL_CONFIRMS, True)):
+        running.set_user_attr(key, value)
+    assert claimed_jobs(study) == {ReevalJob(2, 3, True): TrialState.RUNNING}
+    study.tell(running, state=TrialState.FAIL)  # failed: open again, and no figure of it is used
+    assert claimed_jobs(study) == {}
+    _add(study, 0.92, 0.48, **{TRIAL_REEVAL_OF: 2, TRIAL_RECOVERY_SEED: 4, TRIAL_CONFIRMS: True})
+    _add(study, 0.86, 0.48, **{TRIAL_REEVAL_OF: 2, TRIAL_RECOVERY_SEED: 1})
+    _add(study, 0.89, 0.49, **{TRIAL_REEVAL_OF: rule, TRIAL_RECOVERY_SEED: 3, TRIAL_CONFIRMS: True})
+    _add(study, 0.90, 0.49, **{TRIAL_REEVAL_OF: rule, TRIAL_RECOVERY_SEED: 4, TRIAL_CONFIRMS: True})
+    records = {r.number: r for r in trial_records(study, MIN_AGREEMENT)}
+    two, rules = records[2], records[rule]
+    assert two.seeds == 2 and two.hmean == pytest.approx((0.93 + 0.86) / 2)  # the study's seeds only
+    assert two.confirm_hmeans == ((4, 0.92),) and rules.confirm_hmeans == ((3, 0.89), (4, 0.90))
+    assert rules.seeds == 1 and rules.hmean == pytest.approx(0.88)
+    assert sorted((r.reeval_of, r.hmean) for r in records.values() if r.confirms) == [
+        (2, 0.92), (rule, 0.89), (rule, 0.90)]
+    assert [r.number for r in pareto_front(list(records.values()), HMEAN_FLOPS) if r.confirms] == []
+    lead, seeds = confirmation_lead(two, rules)  # paired: only seed 4 has both
+    assert seeds == 1 and lead == pytest.approx(0.02)
+
+
 def test_a_study_re_evaluates_its_best_plan_and_chooses_by_the_mean(tmp_path):
     """Tiny study: the warm start (unpruned, seed rule at 30% and 50%), then the better seed-rule plan recovered
     with seeds 1 and 2 as trials 3 and 4: the same plan, other crops (another loss), averaged in trials.csv and
@@ -164,4 +201,58 @@ def test_a_study_re_evaluates_its_best_plan_and_chooses_by_the_mean(tmp_path):
     again = run_cli("search", args, env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.strip().splitlines()[-1] == proc.stdout.strip().splitlines()[-1]
+    assert len(optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db").trials) == 5
+
+
+def test_a_searched_lead_is_confirmed_on_fresh_seeds_before_it_replaces_the_seed_rules_plan(tmp_path):
+    """Tiny study: the seed rule's -50% plan (trial 1) and one searched plan (trial 2) that leads it (both score 0
+    after 2 steps at 64x64; the searched one costs fewer FLOPs) with min_gain 0: both are recovered once more with
+    the fresh seed 3 (after the re-evaluation seeds 1 and 2, unused here) as confirmations, kept out of the means; the choice follows
+    the paired lead there against confirm_gain. A rerun adds nothing; a rerun with another confirm_gain only
+    chooses again."""
+    out = tmp_path / "study"
+    env = dict(os.environ, OCRDET_CACHE_DIR=str(tmp_path / "cache"))
+    env.setdefault("OMP_NUM_THREADS", "2")
+    args = ["multirun", *TINY_SEARCH, "search.n_trials=3", "search.targets=[0.5]", "search.reeval.confirm_seeds=1",
+            "search.select.min_gain=0", "search.select.max_flops_ratio=0.55", "search.select.min_agreement=null",
+            f"out_dir={out}"]
+    with cpu_work(TEST_CPU_LOCK):
+        proc = run_cli("search", args, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db")
+    trials = study.trials
+    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert trials[1].user_attrs["baseline"] == "seed_rule" and not trials[2].user_attrs.get("baseline")
+    hmean = [t.user_attrs["hmean"] for t in trials]
+    flops = [t.user_attrs["flops_ratio"] for t in trials]
+    assert (hmean[2], -flops[2]) > (hmean[1], -flops[1]), "the setup no longer gives the searched plan the lead"
+    confirmations = {t.user_attrs[TRIAL_REEVAL_OF]: t for t in trials[3:]}
+    assert sorted(confirmations) == [1, 2]
+    assert all(t.user_attrs[TRIAL_RECOVERY_SEED] == 3 and t.user_attrs[TRIAL_CONFIRMS] for t in trials[3:])
+    for of, trial in confirmations.items():
+        original = json.loads((out / "trials" / str(of) / "plan.json").read_text())["kept"]
+        assert json.loads((out / "trials" / str(trial.number) / "plan.json").read_text())["kept"] == original
+    lead = confirmations[2].user_attrs["hmean"] - confirmations[1].user_attrs["hmean"]
+    expected = 2 if lead >= 0.01 else 1
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"chosen_trial={expected} ")
+    assert "on 1 fresh confirmation seed(s)" in proc.stdout
+    assert "trial 2 leads the seed rule's plan (trial 1) by" in proc.stdout
+
+    with (out / "trials.csv").open() as handle:
+        rows = {int(r["trial"]): r for r in csv.DictReader(handle)}
+    for of in (1, 2):  # the confirmation stays out of the plan's figures
+        assert rows[of]["seeds"] == "1" and float(rows[of]["hmean"]) == pytest.approx(hmean[of], abs=1e-6)
+        assert float(rows[of]["confirm_hmean"]) == pytest.approx(confirmations[of].user_attrs["hmean"], abs=1e-6)
+        assert rows[confirmations[of].number]["confirms"] == "True"
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    run = client.get_run(confirmations[2].user_attrs["mlflow_run_id"])
+    assert run.data.tags["mlflow.runName"].endswith("confirmation seed 3 of trial 2")
+    assert client.get_run(trials[2].user_attrs["mlflow_run_id"]).data.tags["confirm_seeds"] == "1"
+
+    again = run_cli("search", args, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip().splitlines()[-1] == proc.stdout.strip().splitlines()[-1]
+    other = run_cli("search", [*args, f"search.select.confirm_gain={lead - 0.01}"], env)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert other.stdout.strip().splitlines()[-1].startswith("chosen_trial=2 ")
     assert len(optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db").trials) == 5

@@ -44,6 +44,8 @@ def test_default_config_composes_and_passes():
     ("search.select.min_agreement=1.5", "search.select.min_agreement=1.5"),
     ("search.select.min_gain=-0.01", "search.select.min_gain=-0.01: must be >= 0"),
     ("search.select.min_gain=null", "search.select.min_gain=None: must be >= 0"),
+    ("search.reeval.confirm_seeds=-1", "search.reeval.confirm_seeds=-1: must be >= 0"),
+    ("search.select.confirm_gain=null", "search.select.confirm_gain=null: must be a number"),
     ("data.unlabeled_eval=null", "min_agreement needs the guard's images"),
 ])
 def test_bad_values_name_the_key(override, message):

@@ -83,6 +83,30 @@ def test_a_searched_plan_replaces_the_seed_rules_only_with_a_clear_lead():
     assert select(front, HMEAN_FLOPS, None, None, records, min_gain=0.02).record.number == knee_number
 
 
+def test_a_searched_lead_must_hold_on_fresh_confirmation_seeds():
+    """Trial 2 leads the rule's plan by +0.025 on the study's seeds; whether it is chosen depends on its paired lead
+    on the confirmation seeds both plans were recovered with afterwards, which never enter the means."""
+    rule = _record(1, 0.930, 0.49, baseline="seed_rule", target_reduction=0.5,
+                   confirm_hmeans=((3, 0.940), (4, 0.950), (7, 0.10)))  # seed 7: the searched plan has none
+    records = [_record(0, 0.96, 1.0, baseline="unpruned"), rule,
+               _record(2, 0.955, 0.48, confirm_hmeans=((3, 0.945), (4, 0.940)))]
+    front = pareto_front(records, HMEAN_FLOPS)
+    kept = select(front, HMEAN_FLOPS, 0.5, None, records, min_gain=0.02, confirm_gain=0.01)
+    assert kept.record.number == 1
+    assert "+0.0250 on the study's seeds, but by -0.0025 on 2 fresh confirmation seed(s)" in kept.reason
+    assert select(front, HMEAN_FLOPS, 0.5, None, records, 0.02, confirm_gain=-0.01).record.number == 2
+    assert select(front, HMEAN_FLOPS, 0.5, None, records, 0.02).record.number == 2  # no confirmation asked
+
+    held = [*records[:2], _record(2, 0.955, 0.48, confirm_hmeans=((3, 0.960), (4, 0.965), (5, 0.2)))]
+    chosen = select(pareto_front(held, HMEAN_FLOPS), HMEAN_FLOPS, 0.5, None, held, 0.02, confirm_gain=0.01)
+    assert chosen.record.number == 2 and "held on 2 fresh confirmation seed(s): +0.0175" in chosen.reason
+    # Confirmation never rescues a lead under min_gain, and a lead without confirmation recoveries is not chosen.
+    assert select(front, HMEAN_FLOPS, 0.5, None, held, 0.03, confirm_gain=0.01).record.number == 1
+    bare = [*records[:2], _record(2, 0.955, 0.48)]
+    unconfirmed = select(pareto_front(bare, HMEAN_FLOPS), HMEAN_FLOPS, 0.5, None, bare, 0.02, confirm_gain=0.0)
+    assert unconfirmed.record.number == 1 and "not confirmed" in unconfirmed.reason
+
+
 def test_select_honours_the_latency_limit_too():
     front = [_record(0, 0.9, 0.45, latency_ratio=0.95), _record(1, 0.8, 0.40, latency_ratio=0.7)]
     assert select(front, HMEAN_FLOPS, 0.5, 0.8).record.number == 1
