@@ -46,8 +46,8 @@ from search.reeval import (ReevalJob, claimed_jobs, confirm_jobs, confirmation_p
 from search.sampling import TrialSeededSampler, make_sampler, warm_start_trials
 from search.space import Candidate, SearchSpace, suggest
 from search.study import (Budget, claim_creation, count_finished, enqueue_warm_start, fail_stale_trials, give_up,
-                          last_heartbeat, make_storage, open_study, over_budget, storage_file, storage_where,
-                          trial_records)
+                          last_heartbeat, make_storage, open_study, over_budget, set_constraints, storage_file,
+                          storage_where, trial_records)
 from search.tracking import RunLogger
 from train.cli import print_result_line
 from train.errors import ConfigError, UserError
@@ -444,6 +444,7 @@ class StudyRunner:
         assert job.status == JobStatus.COMPLETED
         for key, value in outcome.metrics.items():
             trial.set_user_attr(key, value)
+        set_constraints(trial, study_constraints(self.cfg))
         if outcome.screened_out:
             trial.set_user_attr(TRIAL_SCREENED_OUT, True)
             self.study.tell(trial, state=TrialState.PRUNED)

@@ -13,10 +13,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, TRIAL_BASELINE, TRIAL_SEED_RULE_REDUCTION,
                                TRIAL_SEED_RULE_THRESHOLD, TRIAL_TARGET)
-from search.config import study_constraints
 from search.prior import Prior
 from search.space import cut_counts, params_for, params_for_target
-from search.study import WarmStart, constraints_func
+from search.study import WarmStart
 from train.errors import ConfigError
 
 # TPE's multivariate/group modes and a few samplers are "experimental" in Optuna, with a warning per trial.
@@ -39,9 +38,6 @@ def make_sampler(cfg: DictConfig, number: int) -> optuna.samplers.BaseSampler:
         if not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"search.sampler.seed={seed}: an integer >= 0, or null for an unseeded sampler")
         kwargs["seed"] = trial_seed(seed, number)
-    func = constraints_func(study_constraints(cfg))
-    if func is not None:
-        kwargs["constraints_func"] = func
     try:
         return instantiate(cfg.search.sampler, **kwargs)
     except Exception as exc:  # Hydra wraps import and argument errors alike

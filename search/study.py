@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -84,36 +84,39 @@ def _lost_table_creation_race(exc: BaseException) -> bool:
         "already exists" in str(exc) or "duplicate" in str(exc).lower())
 
 
-def constraint_values(attrs: Mapping[str, Any], constraints: Mapping[str, float | None]) -> list[float]:
-    """Optuna constraint values (<= 0 is feasible) for the configured limits, from a trial's user attributes.
+def constraint_items(attrs: Mapping[str, Any], constraints: Mapping[str, float | None]) -> dict[str, float]:
+    """Optuna constraint values (<= 0 is feasible) for the configured limits, by limit name, from a trial's user
+    attributes.
 
-    A screened-out trial has no fine-tuned hmean; its screening hmean stands in.
+    A screened-out trial has no fine-tuned hmean; its screening hmean stands in. A trial without measured FLOPs
+    (failed before measuring) violates every limit.
     """
+    limits = {k: v for k, v in constraints.items() if v is not None}
+    if Metric.FLOPS_RATIO not in attrs:
+        return {k: 1.0 for k in limits}
     hmean = attrs.get(Metric.HMEAN, attrs.get(Metric.SCREEN_HMEAN, 0.0))
-    values = []
-    if constraints.get("max_flops_ratio") is not None:
-        values.append(float(attrs[Metric.FLOPS_RATIO]) - constraints["max_flops_ratio"])
-    if constraints.get("max_latency_ratio") is not None:
-        values.append(float(attrs[Metric.LATENCY_RATIO]) - constraints["max_latency_ratio"])
-    if constraints.get("min_hmean") is not None:
-        values.append(constraints["min_hmean"] - float(hmean))
-    if constraints.get("min_agreement") is not None:  # not measured (screened out, failed): not shown to generalize
-        values.append(constraints["min_agreement"] - float(attrs.get(Metric.AGREEMENT, 0.0)))
+    values = {}
+    if "max_flops_ratio" in limits:
+        values["max_flops_ratio"] = float(attrs[Metric.FLOPS_RATIO]) - limits["max_flops_ratio"]
+    if "max_latency_ratio" in limits:
+        values["max_latency_ratio"] = float(attrs[Metric.LATENCY_RATIO]) - limits["max_latency_ratio"]
+    if "min_hmean" in limits:
+        values["min_hmean"] = limits["min_hmean"] - float(hmean)
+    if "min_agreement" in limits:  # not measured (screened out, failed): not shown to generalize
+        values["min_agreement"] = limits["min_agreement"] - float(attrs.get(Metric.AGREEMENT, 0.0))
     return values
 
 
-def constraints_func(constraints: Mapping[str, float | None]) -> Callable[[FrozenTrial], list[float]] | None:
-    """The sampler's `constraints_func` for the configured limits, or None when there are none."""
-    if all(v is None for v in constraints.values()):
-        return None
-    limits = dict(constraints)
+def constraint_values(attrs: Mapping[str, Any], constraints: Mapping[str, float | None]) -> list[float]:
+    """`constraint_items`' values."""
+    return list(constraint_items(attrs, constraints).values())
 
-    def evaluate(trial: FrozenTrial) -> list[float]:
-        if Metric.FLOPS_RATIO not in trial.user_attrs:  # failed before measuring: infeasible
-            return [1.0] * len([v for v in limits.values() if v is not None])
-        return constraint_values(trial.user_attrs, limits)
 
-    return evaluate
+def set_constraints(trial: optuna.trial.Trial, constraints: Mapping[str, float | None]) -> None:
+    """The trial's constraint values, set before it is told, where the samplers read them (`Trial.set_constraint`,
+    which replaced the samplers' deprecated `constraints_func` in Optuna 5)."""
+    for key, value in constraint_items(trial.user_attrs, constraints).items():
+        trial.set_constraint(key, value)
 
 
 def open_study(storage: optuna.storages.BaseStorage, name: str,

@@ -200,3 +200,16 @@ def test_the_generalization_guard_scores_every_recovered_trial_and_gates_the_fro
         if not feasible:
             assert t.number not in front
     assert front <= {t.number for t in complete if t.user_attrs["agreement"] >= 0.25}
+
+
+def test_the_sampler_is_told_each_finished_trials_constraints(study_run):
+    """Optuna 5 reads constraints from the trial (`Trial.set_constraint`; its `constraints_func` is deprecated):
+    every complete or screened-out trial carries the guard's value, agreement below the floor is > 0, and the
+    study no longer warns about the deprecated argument."""
+    proc, _, _, study, _ = study_run
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert finished
+    for t in finished:
+        assert set(t.constraints) == {"min_agreement"}, t.constraints
+        assert t.constraints["min_agreement"] == pytest.approx(0.25 - t.user_attrs.get("agreement", 0.0))
+    assert "constraints_func" not in proc.stderr + proc.stdout
