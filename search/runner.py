@@ -383,10 +383,11 @@ class StudyRunner:
         trials = self.study.get_trials(deepcopy=False)
         for job in jobs:
             trial = self._ask_one()
-            trial.set_user_attr(TRIAL_REEVAL_OF, job.trial)
+            # `reeval_of` last: it is what marks the trial as a job (`job_of`), read by other workers meanwhile.
             trial.set_user_attr(TRIAL_RECOVERY_SEED, job.seed)
             if job.confirm:
                 trial.set_user_attr(TRIAL_CONFIRMS, True)
+            trial.set_user_attr(TRIAL_REEVAL_OF, job.trial)
             if taken_earlier(self.study, trial.number, job):
                 give_up(self.study, trial.number, DUPLICATE_REEVAL_REASON)
                 continue
