@@ -29,10 +29,9 @@ from search.app import TrialFailed, TrialOutcome, tracker_for
 from search.attributes import (BASELINE_SEED_RULE, BASELINE_UNPRUNED, BUDGET_MET_REASON, DUPLICATE_REEVAL_REASON,
                                FINISHED, STALE_REASON, STUDY_CHOSEN, STUDY_CREATION, STUDY_PARENT_RUN, STUDY_REFERENCE,
                                STUDY_SETTINGS, STUDY_SPACE, TRIAL_BASELINE, TRIAL_CONFIRMS, TRIAL_FAIL_REASON,
-                               TRIAL_HEARTBEAT,
-                               TRIAL_PROJECTED_COST, TRIAL_RATIOS, TRIAL_RECOVERY_SEED, TRIAL_REEVAL_OF, TRIAL_RUN_ID,
-                               TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_STOPPED_AT, TRIAL_TARGET, TRIAL_WORKER,
-                               Metric)
+                               TRIAL_HEARTBEAT, TRIAL_PROJECTED_COST, TRIAL_RATIOS, TRIAL_RECOVERY_SEED,
+                               TRIAL_REEVAL_OF, TRIAL_RUN_ID, TRIAL_SCREENED_OUT, TRIAL_SKIP_SET, TRIAL_STOPPED_AT,
+                               TRIAL_TARGET, TRIAL_WORKER, Metric)
 from search.config import (check_same_settings, check_search_config, flat_config, frozen_settings, mask_url, objectives,
                            study_constraints, task_config)
 from search.heartbeat import Heartbeat, Liveness, worker_id
