@@ -250,17 +250,22 @@ def plot_front(records: Sequence[TrialRecord], front: Sequence[TrialRecord], cho
     """hmean against cost ratio: every complete trial, the front as a line, baselines and the chosen trial marked.
 
     `screened`: (screening hmean, cost ratio) of screened-out candidates, drawn faintly (they were not fine-tuned).
-    A re-evaluated plan is drawn at its mean with a ±sd bar, its single seeds as small rings.
+    A re-evaluated plan is drawn at its mean with a ±sd bar, its single seeds as small rings, confirmation seeds
+    (outside the mean) as triangles.
     """
     fig, ax = plt.subplots(figsize=(7.0, 4.8))
     if screened:
         ax.scatter([c for _, c in screened], [h for h, _ in screened], marker="x", color="0.75", s=22,
                    label="screened out (before fine-tune)")
-    seeds = [r for r in records if r.reeval_of is not None]
+    seeds = [r for r in records if r.reeval_of is not None and not r.confirms]
+    confirmations = [r for r in records if r.confirms]
     records = [r for r in records if r.reeval_of is None]
     if seeds:
         ax.scatter([getattr(r, cost) for r in seeds], [r.hmean for r in seeds], marker="o", facecolor="none",
                    edgecolor="0.6", s=14, label="other recovery seeds")
+    if confirmations:
+        ax.scatter([getattr(r, cost) for r in confirmations], [r.hmean for r in confirmations], marker="^",
+                   facecolor="none", edgecolor="tab:purple", s=22, label="confirmation seeds (not in the mean)")
     for r in records:
         if r.seeds > 1:
             ax.errorbar(getattr(r, cost), r.hmean, yerr=r.hmean_sd, color="0.45", capsize=3, lw=1)

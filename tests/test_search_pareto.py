@@ -122,12 +122,17 @@ def test_screening_needs_a_cheaper_candidate_better_by_the_margin():
 
 def test_table_csv_and_plot(tmp_path):
     records = [_record(0, 0.95, 1.0, baseline="unpruned"), _record(1, 0.9, 0.5, baseline="seed_rule",
-                                                                    target_reduction=0.5), _record(2, 0.92, 0.5)]
+                                                                    target_reduction=0.5),
+               _record(2, 0.92, 0.5, confirm_hmeans=((3, 0.90), (4, 0.85))),
+               _record(3, 0.90, 0.5, reeval_of=2, confirms=True), _record(4, 0.85, 0.5, reeval_of=2, confirms=True)]
     front = pareto_front(records, HMEAN_FLOPS)
     text = format_front(front, chosen=2)
     assert text.splitlines()[1].split()[:2] == ["2", "0.9200"] and "<- chosen" in text
     rows = list(csv.DictReader(write_csv(front, tmp_path / "pareto.csv").open()))
     assert [int(r["trial"]) for r in rows] == [0, 2]
     assert float(rows[1]["flops_reduction"]) == pytest.approx(0.5) and rows[1]["run_id"] == "run2"
+    assert float(rows[1]["confirm_hmean"]) == pytest.approx(0.875) and rows[0]["confirm_hmean"] == "nan"
+    every = {int(r["trial"]): r for r in csv.DictReader(write_csv(records, tmp_path / "trials.csv").open())}
+    assert every[3]["confirms"] == "True" and every[3]["reeval_of"] == "2" and every[2]["confirms"] == "False"
     png = plot_front(records, front, 2, tmp_path / "pareto.png", screened=[(0.1, 0.4)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
