@@ -157,19 +157,26 @@ def test_confirmations_are_planned_once_per_budget_and_kept_out_of_the_means():
     assert seeds == 1 and lead == pytest.approx(0.02)
 
 
+def _tiny_study(tmp_path, *overrides: str) -> tuple:
+    """Run a tiny study (TINY_SEARCH with `overrides`) under the tests' CPU lock: (process, out_dir, env, args,
+    study)."""
+    out = tmp_path / "study"
+    env = dict(os.environ, OCRDET_CACHE_DIR=str(tmp_path / "cache"))
+    env.setdefault("OMP_NUM_THREADS", "2")
+    args = ["multirun", *TINY_SEARCH, *overrides, f"out_dir={out}"]
+    with cpu_work(TEST_CPU_LOCK):
+        proc = run_cli("search", args, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out, env, args, optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db")
+
+
 def test_a_study_re_evaluates_its_best_plan_and_chooses_by_the_mean(tmp_path):
     """Tiny study: the warm start (unpruned, seed rule at 30% and 50%), then the better seed-rule plan recovered
     with seeds 1 and 2 as trials 3 and 4: the same plan, other crops (another loss), averaged in trials.csv and
     the summary, named in MLflow; a rerun adds nothing."""
-    out = tmp_path / "study"
-    env = dict(os.environ, OCRDET_CACHE_DIR=str(tmp_path / "cache"))
-    env.setdefault("OMP_NUM_THREADS", "2")
-    args = ["multirun", *TINY_SEARCH, "search.n_trials=3", "search.reeval.top=1", "search.reeval.seeds=2",
-            "search.select.min_agreement=null", "search.select.max_flops_ratio=null", f"out_dir={out}"]
-    with cpu_work(TEST_CPU_LOCK):
-        proc = run_cli("search", args, env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db")
+    proc, out, env, args, study = _tiny_study(
+        tmp_path, "search.n_trials=3", "search.reeval.top=1", "search.reeval.seeds=2",
+        "search.select.min_agreement=null", "search.select.max_flops_ratio=null")
     trials = study.trials
     assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
     best = max(trials[1:3], key=lambda t: t.user_attrs["hmean"]).number
@@ -207,19 +214,12 @@ def test_a_study_re_evaluates_its_best_plan_and_chooses_by_the_mean(tmp_path):
 def test_a_searched_lead_is_confirmed_on_fresh_seeds_before_it_replaces_the_seed_rules_plan(tmp_path):
     """Tiny study: the seed rule's -50% plan (trial 1) and one searched plan (trial 2) that leads it (both score 0
     after 2 steps at 64x64; the searched one costs fewer FLOPs) with min_gain 0: both are recovered once more with
-    the fresh seed 3 (after the re-evaluation seeds 1 and 2, unused here) as confirmations, kept out of the means; the choice follows
-    the paired lead there against confirm_gain. A rerun adds nothing; a rerun with another confirm_gain only
-    chooses again."""
-    out = tmp_path / "study"
-    env = dict(os.environ, OCRDET_CACHE_DIR=str(tmp_path / "cache"))
-    env.setdefault("OMP_NUM_THREADS", "2")
-    args = ["multirun", *TINY_SEARCH, "search.n_trials=3", "search.targets=[0.5]", "search.reeval.confirm_seeds=1",
-            "search.select.min_gain=0", "search.select.max_flops_ratio=0.55", "search.select.min_agreement=null",
-            f"out_dir={out}"]
-    with cpu_work(TEST_CPU_LOCK):
-        proc = run_cli("search", args, env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/optuna.db")
+    the fresh seed 3 (after the re-evaluation seeds 1 and 2, unused here) as confirmations, kept out of the means;
+    the choice follows the paired lead there against confirm_gain. A rerun adds nothing; a rerun with another
+    confirm_gain only chooses again."""
+    proc, out, env, args, study = _tiny_study(
+        tmp_path, "search.n_trials=3", "search.targets=[0.5]", "search.reeval.confirm_seeds=1",
+        "search.select.min_gain=0", "search.select.max_flops_ratio=0.55", "search.select.min_agreement=null")
     trials = study.trials
     assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
     assert trials[1].user_attrs["baseline"] == "seed_rule" and not trials[2].user_attrs.get("baseline")
