@@ -28,6 +28,7 @@ from train.recovery import (
     map_distillation,
     recalibrate_bn,
     recover,
+    untouched_prefix,
 )
 from train.runtime import seed_everything
 from train.weights import load_detector
@@ -248,6 +249,72 @@ def test_settings_come_from_the_config_group_and_reject_bad_values():
         RecoverySettings(crop_size=100)
     with pytest.raises(ConfigError, match="nothing to learn"):
         RecoverySettings(map_weight=0, feature_weight=0, backbone_weight=0, label_weight=0)
+    with pytest.raises(ConfigError, match="freeze_untouched"):
+        RecoverySettings(freeze_untouched=True, training_form=True)
+
+
+def _outputs(model: paddle.nn.Layer, names: list[str], image: paddle.Tensor) -> dict[str, np.ndarray]:
+    """The outputs of ``model``'s sublayers ``names`` on ``image`` (eval mode)."""
+    layers = dict(model.named_sublayers())
+    found: dict[str, np.ndarray] = {}
+
+    def keeper(name: str):
+        def keep(layer: paddle.nn.Layer, inputs: tuple, output: paddle.Tensor) -> None:
+            found.setdefault(name, output.numpy())
+        return keep
+
+    hooks = [layers[name].register_forward_post_hook(keeper(name)) for name in names]
+    model.eval()
+    with paddle.no_grad():
+        model(image)
+    for hook in hooks:
+        hook.remove()
+    return found
+
+
+def test_the_untouched_prefix_ends_where_the_plan_first_changes_a_layer(teacher: paddle.nn.Layer):
+    cut = "backbone.blocks4.1.pw_conv.reparam_conv"
+    student = copy.deepcopy(teacher)
+    apply_plan(student, make_plan(student, "ppocrv4_det", {cut: 0.25}))
+    prefix = untouched_prefix(student, teacher)
+    names = {id(layer): name for name, layer in student.named_sublayers()}
+    prefix_names = [names[id(layer)] for layer in prefix]
+    # The stem, stages 2 and 3, block 4.0 and block 4.1's depthwise conv run before the cut conv, and nothing else.
+    assert prefix_names[0].startswith("backbone.conv1") and prefix_names[-1].startswith("backbone.blocks4.1.dw_conv")
+    assert not any(name.startswith(("backbone.blocks4.1.pw_conv", "backbone.blocks5", "neck", "head"))
+                   for name in prefix_names)
+    # What makes freezing them safe: they compute exactly what the teacher's layers do.
+    image = _images(3, (1, 3, 96, 96))
+    ours, theirs = _outputs(student, prefix_names, image), _outputs(teacher, prefix_names, image)
+    assert all(np.array_equal(ours[name], theirs[name]) for name in prefix_names)
+
+    # Any difference ends it, a value as much as a shape; an unchanged model is untouched everywhere it runs.
+    changed = copy.deepcopy(teacher)
+    scale = changed.backbone.blocks3[0].dw_conv.lab.scale
+    scale.set_value(scale * 1.01)
+    changed_names = {id(layer): name for name, layer in changed.named_sublayers()}
+    changed_prefix = [changed_names[id(layer)] for layer in untouched_prefix(changed, teacher)]
+    assert changed_prefix[-1] == "backbone.blocks3.0.dw_conv.reparam_conv", changed_prefix[-3:]
+    whole = untouched_prefix(copy.deepcopy(teacher), teacher)
+    assert len(whole) > len(prefix) and any(names.get(id(layer)) is None for layer in whole)
+
+
+def test_recovery_leaves_the_untouched_prefix_as_the_teacher_has_it(tiny_root: Path, teacher: paddle.nn.Layer):
+    train_set = build_split(tiny_root, label_path(tiny_root, "train"), "train", crop_size=64)
+    student = copy.deepcopy(teacher)
+    plan = make_plan(student, "ppocrv4_det", {"backbone.blocks4.1.pw_conv.reparam_conv": 0.25})
+    apply_plan(student, plan)
+    prefix = untouched_prefix(student, teacher)
+    before = {id(p): p.numpy().copy() for p in student.parameters()}
+    frozen = {id(p) for layer in prefix for p in layer.parameters(include_sublayers=False)}
+    trainable = [p.stop_gradient for p in student.parameters()]  # a BN's running statistics never train
+    settings = RecoverySettings(steps=2, batch_size=2, crop_size=64, warmup_steps=1, freeze_untouched=True)
+    recover(student, teacher, train_set, settings, progress=False)
+    moved = {id(p) for p in student.parameters() if not np.array_equal(before[id(p)], p.numpy())}
+    assert frozen and not moved & frozen
+    assert moved, "the layers after the cut trained"
+    assert [p.stop_gradient for p in student.parameters()] == trainable, "trainable again afterwards"
+    assert [id(layer) for layer in untouched_prefix(student, teacher)] == [id(layer) for layer in prefix]
 
 
 def _agreement(student: paddle.nn.Layer, teacher: paddle.nn.Layer, dataset) -> float:
@@ -276,7 +343,7 @@ def test_a_tiny_recovery_run_brings_a_pruned_model_back_towards_its_teacher(tiny
 
     # The default recipe (deploy form, frozen BNs, labels), scaled down; and the same in the training form.
     settings = RecoverySettings(steps=12, lr=5e-3, warmup_steps=2, batch_size=2, crop_size=96, calibration_batches=1,
-                                training_form=training_form)
+                                training_form=training_form, freeze_untouched=not training_form)
     steps = []
     seed_everything(0)  # the loader's shuffle draws from the global generators
     result = recover(student, teacher, train_set, settings,

@@ -52,6 +52,8 @@ class RecoverySettings:
     BN per fused conv (``train.models.training_form``), fused back at the end. ``bn_mode``: "frozen" keeps every
     BN on its running statistics (only their affine trains), "train" uses batch statistics.
     ``calibration_batches``: train batches the training form's BN statistics are measured on.
+    ``freeze_untouched``: the student's layers that still compute exactly what the teacher's do (``untouched_prefix``)
+    are not trained.
     ``unlabeled_share``: the fraction of every batch taken from the unlabelled pool when one is given (distillation
     only: the teacher's near-zero map on text-free images is what stops the student firing there). ``seed`` seeds
     the crops' augmentation (the shuffle follows the global generators). ``teacher_program``: the teacher's targets
@@ -81,6 +83,7 @@ class RecoverySettings:
     num_workers: int = 0
     seed: int = 0
     teacher_program: bool | None = None
+    freeze_untouched: bool = True
 
     def __post_init__(self) -> None:
         if self.map_loss not in MAP_LOSSES:
@@ -106,6 +109,9 @@ class RecoverySettings:
             raise ConfigError(f"finetune.steps={self.steps}: must be >= 1")
         if not self.lr > 0:
             raise ConfigError(f"finetune.lr={self.lr}: must be > 0")
+        if self.freeze_untouched and self.training_form:
+            raise ConfigError("finetune.freeze_untouched=true and finetune.training_form=true: the training form "
+                              "rewrites the layers compared with the teacher's; set finetune.freeze_untouched=false")
 
     def unlabeled_per_batch(self) -> int:
         """Unlabelled crops in each batch of ``batch_size`` (at least one labelled crop stays)."""
@@ -326,6 +332,10 @@ def recover(
         probe = _calibration_images(dataset, settings)
         unfuse(student, probe)
     # Without labels nothing reads the threshold map: skipping its branch saves about a fifth of every step.
+    frozen = [p for layer in (untouched_prefix(student, teacher) if settings.freeze_untouched else [])
+              for p in layer.parameters(include_sublayers=False) if not p.stop_gradient]
+    for parameter in frozen:
+        parameter.stop_gradient = True
     overrides = _train_mode_overrides(student, freeze_bn=settings.bn_mode == "frozen",
                                       skip_thresh=settings.label_weight == 0)
     loss = DistillationLoss(student, teacher, map_weight=settings.map_weight, map_loss=settings.map_loss,
@@ -341,9 +351,54 @@ def recover(
     finally:
         loss.close()
         overrides.remove()
+        for parameter in frozen:
+            parameter.stop_gradient = False
     if unfused:
         result.final_terms[FUSED_DIFF] = _fuse_checked(student, probe[0])
     return result
+
+
+def untouched_prefix(student: paddle.nn.Layer, teacher: paddle.nn.Layer,
+                     input_size: tuple[int, int] = (64, 64)) -> list[paddle.nn.Layer]:
+    """The student's layers with parameters that run before its first layer whose parameters differ from the
+    teacher's (in shape or value), in the order they run.
+
+    Such a layer's input comes only from layers that ran before it, all equal to the teacher's, so it computes
+    exactly what the teacher's does: the pruning left it alone and recovery has nothing to correct there. Training
+    it anyway moves features the teacher learnt on real images towards the recovery crops, and costs the backward
+    pass through the model's high-resolution start. Found by one forward of a blank image with hooks (the order
+    layers run in, whatever the model's structure); layers are matched to the teacher's by name.
+    """
+    order: list[tuple[str, paddle.nn.Layer]] = []
+    owners = [(name, layer) for name, layer in student.named_sublayers()
+              if layer.parameters(include_sublayers=False)]
+
+    def recorder(name: str, layer: paddle.nn.Layer):
+        def record(_layer: paddle.nn.Layer, _inputs: tuple) -> None:
+            if all(seen is not layer for _, seen in order):
+                order.append((name, layer))
+        return record
+
+    hooks = [layer.register_forward_pre_hook(recorder(name, layer)) for name, layer in owners]
+    was_training = student.training
+    try:
+        student.eval()
+        with paddle.no_grad():
+            student(paddle.zeros([1, 3, *input_size], dtype="float32"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        student.train() if was_training else student.eval()
+    reference = dict(teacher.named_parameters())
+    prefix = []
+    for name, layer in order:
+        for key, parameter in layer.named_parameters(include_sublayers=False):
+            theirs = reference.get(f"{name}.{key}")
+            if (theirs is None or theirs.shape != parameter.shape
+                    or not np.array_equal(theirs.numpy(), parameter.numpy())):
+                return prefix
+        prefix.append(layer)
+    return prefix
 
 
 def recovery_batches(dataset: DetDataset, settings: RecoverySettings,
