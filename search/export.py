@@ -76,6 +76,15 @@ class SelectedTrial:
     number: int
     run_id: str
     attrs: dict[str, Any]
+    chosen: bool = False  # the trial the study chose
+
+
+def registry_alias(configured: str | None, selected: SelectedTrial) -> str:
+    """The registered version's alias: the configured one, else ``chosen`` for the study's chosen trial and
+    ``trial-<n>`` for another (exporting a trial to look at it must not move the alias deployments follow)."""
+    if configured is not None:
+        return str(configured)
+    return "chosen" if selected.chosen else f"trial-{selected.number}"
 
 
 def study_hmean(study: optuna.Study, selected: SelectedTrial) -> str:
@@ -116,8 +125,9 @@ def select_trial(study: optuna.Study, trial: int | None, run_id: str | None) -> 
         reason = frozen.user_attrs.get(TRIAL_FAIL_REASON, "")
         raise ConfigError(f"trial {number} is {frozen.state.name}{': ' + reason if reason else ''}; "
                           "export a complete trial")
+    chosen = study.user_attrs.get(STUDY_CHOSEN)
     return SelectedTrial(number=number, run_id=str(frozen.user_attrs.get(TRIAL_RUN_ID, "")),
-                         attrs=dict(frozen.user_attrs))
+                         attrs=dict(frozen.user_attrs), chosen=chosen is not None and int(chosen) == number)
 
 
 def trial_files(out_dir: Path, selected: SelectedTrial, tracker: Tracker, scratch: Path) -> tuple[Path, Path]:
@@ -287,8 +297,9 @@ def onnx_latency_ratio(unpruned: paddle.nn.Layer, cfg: DictConfig, export_dir: P
 
 
 def _log_to_mlflow(tracker: Tracker, cfg: DictConfig, selected: SelectedTrial, target: Path,
-                   report: ExportReport) -> str | None:
-    """Artifacts and metrics under the trial's run; a registered model version with the alias. Its version."""
+                   report: ExportReport) -> tuple[str, str] | None:
+    """Artifacts and metrics under the trial's run; a registered model version with its alias (`registry_alias`):
+    (version, alias), None without registration."""
     client = tracker.client
     client.log_artifacts(selected.run_id, str(target), ARTIFACT_PATH)
     run = RunLogger(client, selected.run_id)
@@ -296,7 +307,7 @@ def _log_to_mlflow(tracker: Tracker, cfg: DictConfig, selected: SelectedTrial, t
     run.set_tags({"exported": True, "export_dir": str(target)})
     if not cfg.export.register.enabled:
         return None
-    name, alias = str(cfg.export.register.name), str(cfg.export.register.alias)
+    name, alias = str(cfg.export.register.name), registry_alias(cfg.export.register.alias, selected)
     try:
         client.create_registered_model(name, description="Pruned DB text detectors exported by search.export")
     except MlflowException as exc:
@@ -307,7 +318,7 @@ def _log_to_mlflow(tracker: Tracker, cfg: DictConfig, selected: SelectedTrial, t
                                                 "hmean": f"{report.hmean:.6f}", "flops": str(report.flops)})
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
-    return version.version
+    return version.version, alias
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
@@ -383,7 +394,7 @@ def main(cfg: DictConfig) -> None:
         raise AssertionError(f"exported model has {report.flops} FLOPs, trial {selected.number} had "
                              f"{report.trial_flops}")
     (target / METRICS_FILE).write_text(json.dumps(asdict(report), indent=1) + "\n")
-    version = _log_to_mlflow(tracker, cfg, selected, target, report) if selected.run_id else None
+    registered = _log_to_mlflow(tracker, cfg, selected, target, report) if selected.run_id else None
     if resume is not None:
         shutil.rmtree(resume, ignore_errors=True)
 
@@ -393,7 +404,7 @@ def main(cfg: DictConfig) -> None:
              "per text-free image") + f"; FLOPs {report.flops:,} ({report.flops_ratio:.3f}x), latency "
           f"{report.latency_ms:.2f} ms (study {report.trial_latency_ms:.2f} ms); parity max |diff| {diff:.2g} "
           f"({deployed_diff:.2g} with the deployment's oneDNN kernels)"
-          + (f"; registered {cfg.export.register.name} v{version} @{cfg.export.register.alias}" if version else ""))
+          + (f"; registered {cfg.export.register.name} v{registered[0]} @{registered[1]}" if registered else ""))
     print_result_line(f"export_dir={target} hmean={report.hmean:.6f} flops={report.flops} "
                       f"latency_ms={report.latency_ms:.3f}")
 

@@ -97,6 +97,17 @@ def test_export_is_an_artifact_of_the_trial_run_and_a_registered_model(study_run
     assert (downloaded / PIR_MODEL_FILE).read_bytes() == (folder / PIR_MODEL_FILE).read_bytes()
 
 
+def test_exporting_another_trial_leaves_the_chosen_alias_where_it_was(study_run, chosen_export, tmp_path):
+    _, _, _, study, client = study_run
+    chosen = study.user_attrs["chosen_trial"]
+    other = next(t for t in study.trials if t.state == TrialState.COMPLETE and t.number != chosen)
+    folder, metrics = exported(export(study_run, f"trial={other.number}", "export.format=legacy", "export.onnx=false",
+                                      f"export.dir={tmp_path / 'other'}"))
+    assert metrics["trial"] == other.number
+    assert client.get_model_version_by_alias(f"{STUDY}-det", "chosen").tags["trial"] == str(chosen)
+    assert client.get_model_version_by_alias(f"{STUDY}-det", f"trial-{other.number}").tags["trial"] == str(other.number)
+
+
 def test_selection_by_trial_number_and_by_run_id_agree(study_run, tmp_path):
     _, _, _, study, _ = study_run
     trial = next(t for t in study.trials if t.user_attrs.get("baseline") == "seed_rule"
