@@ -144,6 +144,7 @@ def build_prior(cfg: DictConfig) -> Prior:
                         tuple(cfg.search.space.skip_probability), warm_start=[cut_counts(p.plan) for p in plans],
                         centres=centres or None, max_offset=cfg.search.space.max_offset,
                         tolerance=cfg.search.space.tolerance, cost=targets.cost,
-                        cost_model=None if fit is None else fit.stored())
+                        cost_model=None if fit is None else fit.stored(),
+                        keep_rule_whole=cfg.search.space.keep_rule_whole)
     return Prior(table=table, space=space, seed_rule=plans,
                  reference=measure_model(model, cfg), skipped_targets=skipped)

@@ -18,6 +18,10 @@ one ``scale`` for all groups is bisected until the plan's cost ratio lies in [1 
 on target, never over it (`project`).
 Offsets of 0 give the seed rule's own plan, so the sampler starts at the rule's plans and explores deviations
 from them, rather than random plans at random costs.
+With ``keep_rule_whole``, the groups the seed rule's plan at a target leaves whole stay whole in that target's
+candidates: the sampler only redistributes the cuts among the groups the rule cuts. One scale for every group
+otherwise cuts them too as soon as it drops below one (a stage-2 conv at 0.75 of its width), and a cut there ends
+the run of layers recovery leaves as the teacher's (`train.recovery.untouched_prefix`).
 
 **Free** (no targets): per group, two parameters.
 
@@ -95,6 +99,7 @@ class SearchSpace:
     tolerance: float = 0.01
     cost: str = "flops"                                          # what the targets bound: flops or latency
     cost_model: dict = field(default_factory=dict)               # latency: the fit (LatencyModel.stored())
+    keep_rule_whole: bool = False                                # projected: what a centre leaves whole stays so
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -123,7 +128,8 @@ class SearchSpace:
                    targets=[float(t) for t in data["targets"]],
                    centres={k: {g: int(n) for g, n in c.items()} for k, c in data["centres"].items()},
                    max_offset=float(data["max_offset"]), tolerance=float(data["tolerance"]),
-                   cost=str(data.get("cost", "flops")), cost_model=dict(data.get("cost_model", {})))
+                   cost=str(data.get("cost", "flops")), cost_model=dict(data.get("cost_model", {})),
+                   keep_rule_whole=bool(data.get("keep_rule_whole", False)))
 
 
 def target_key(target: float) -> str:
@@ -152,14 +158,15 @@ def cut_counts(plan: PruningPlan) -> dict[str, int]:
 def build_space(table: SensitivityTable, align: int, loss_budget: float, always_skip: Sequence[str],
                 skip_probability: tuple[float, float], warm_start: Sequence[Mapping[str, int]] = (),
                 centres: Mapping[float, Mapping[str, int]] | None = None, max_offset: float = 0.5,
-                tolerance: float = 0.01, cost: str = "flops", cost_model: Mapping | None = None) -> SearchSpace:
+                tolerance: float = 0.01, cost: str = "flops", cost_model: Mapping | None = None,
+                keep_rule_whole: bool = False) -> SearchSpace:
     """The space for the prunable groups of `table` (see the module docstring).
 
     `always_skip`: structured group names never cut (an unknown name is a ConfigError listing the groups).
     `warm_start`: plans the space must contain, as channels kept per cut group (`cut_counts`).
     `centres`: per target (a reduction of `cost`), the seed rule's plan there (channels kept per cut group): a
     projected space; None: a free one. The centres are part of the warm start too. `cost_model`: what predicts a
-    latency cost (`prune.latency_model.LatencyModel.stored()`).
+    latency cost (`prune.latency_model.LatencyModel.stored()`). `keep_rule_whole`: the module docstring.
     """
     centres = dict(centres or {})
     warm_start = [*warm_start, *centres.values()]
@@ -193,7 +200,8 @@ def build_space(table: SensitivityTable, align: int, loss_budget: float, always_
                        targets=sorted(centres),
                        centres={target_key(t): {g.name: int(c.get(g.name, g.channels)) for g in groups}
                                 for t, c in centres.items()},
-                       max_offset=max_offset, tolerance=tolerance, cost=cost, cost_model=dict(cost_model or {}))
+                       max_offset=max_offset, tolerance=tolerance, cost=cost, cost_model=dict(cost_model or {}),
+                       keep_rule_whole=keep_rule_whole)
 
 
 CostRatio = Callable[[Mapping[str, int]], float]  # channels kept per cut group -> pruned / unpruned cost
@@ -226,9 +234,14 @@ def suggest(trial: optuna.Trial, space: SearchSpace, cost_ratio: CostRatio | Non
 def counts_at(space: SearchSpace, centre: Mapping[str, int], offsets: Mapping[str, float],
               scale: float) -> dict[str, int]:
     """Channels kept per cut group at `scale`: `centre * 2**offset * scale` on the grid, within the bounds (a group
-    whose count passes `max_keep` stays whole)."""
+    whose count passes `max_keep` stays whole; with `space.keep_rule_whole`, so does one the centre leaves whole,
+    unless the centre cuts nothing at all)."""
     kept: dict[str, int] = {}
+    whole = {g.name for g in space.groups if centre[g.name] >= g.channels}
+    fixed = whole if space.keep_rule_whole and len(whole) < len(space.groups) else set()
     for group in space.groups:
+        if group.name in fixed:
+            continue
         raw = centre[group.name] * 2.0 ** offsets.get(group.name, 0.0) * scale
         keep = max(group.min_keep, space.align * round(raw / space.align))
         if keep <= group.max_keep:

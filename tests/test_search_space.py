@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import optuna
 import pytest
 
@@ -227,6 +228,24 @@ def test_a_target_without_a_seed_rule_plan_starts_uniform(real):
     assert 0.69 <= candidate.cost_ratio <= 0.7
     shares = [candidate.kept.get(g.name, g.channels) / g.channels for g in space.groups]
     assert max(shares) - min(shares) < 0.5  # one scale for every group, up to the grid and the bounds
+
+
+def test_keep_rule_whole_cuts_only_the_groups_the_seed_rule_cuts(real):
+    """With keep_rule_whole, random shapes at -50% redistribute the rule's cuts and stay on target; without it, the
+    one scale cuts groups the rule left whole. A target the rule has no plan at still cuts every group."""
+    _, _, _, seed, flops = real
+    rule_cut = set(cut_counts(seed.plan))
+    kept_whole, free = _projected(real, keep_rule_whole=True), _projected(real)
+    assert SearchSpace.from_json(kept_whole.to_json()) == kept_whole
+    rng = np.random.default_rng(0)
+    beyond_rule = 0
+    for _ in range(5):
+        offsets = {g.name: float(rng.uniform(-0.5, 0.5)) for g in free.groups}
+        candidate = project(kept_whole, 0.5, offsets, flops)
+        assert set(candidate.kept) <= rule_cut and 0.49 <= candidate.cost_ratio <= 0.5
+        beyond_rule += bool(set(project(free, 0.5, offsets, flops).kept) - rule_cut)
+    assert beyond_rule > 0
+    assert project(kept_whole, 0.3, {}, flops) == project(free, 0.3, {}, flops)
 
 
 def test_projected_space_round_trips_and_needs_the_flops(real):
