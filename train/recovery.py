@@ -18,7 +18,7 @@ from train.data.dataset import DetDataset, endless_batches, mixed_batches
 from train.data.transforms import build_train_transform
 from train.data.unlabeled import unlabeled_train_set
 from train.errors import ConfigError
-from train.inference import InferenceSession, compile_program, on_cpu, worth_compiling
+from train.inference import InferenceSession, compile_program, eval_mode, on_cpu, worth_compiling
 from train.loss import DBLoss
 from train.models.db_head import THRESH_INITS
 from train.models.training_form import fuse, has_fused_layers, unfuse
@@ -332,10 +332,6 @@ def recover(
         probe = _calibration_images(dataset, settings)
         unfuse(student, probe)
     # Without labels nothing reads the threshold map: skipping its branch saves about a fifth of every step.
-    frozen = [p for layer in (untouched_prefix(student, teacher) if settings.freeze_untouched else [])
-              for p in layer.parameters(include_sublayers=False) if not p.stop_gradient]
-    for parameter in frozen:
-        parameter.stop_gradient = True
     overrides = _train_mode_overrides(student, freeze_bn=settings.bn_mode == "frozen",
                                       skip_thresh=settings.label_weight == 0)
     loss = DistillationLoss(student, teacher, map_weight=settings.map_weight, map_loss=settings.map_loss,
@@ -345,6 +341,10 @@ def recover(
                             teacher_program=(worth_compiling(settings.steps) if settings.teacher_program is None
                                              else settings.teacher_program))
     batches: Iterator[Batch] = recovery_batches(dataset, settings, unlabeled)
+    frozen = [p for layer in (untouched_prefix(student, teacher) if settings.freeze_untouched else [])
+              for p in layer.parameters(include_sublayers=False) if not p.stop_gradient]
+    for parameter in frozen:
+        parameter.stop_gradient = True
     try:
         result = finetune(student, batches, loss, settings.trainer_settings(), checkpoint_prefix=checkpoint_prefix,
                           on_step=on_step, progress=progress)
@@ -369,29 +369,25 @@ def untouched_prefix(student: paddle.nn.Layer, teacher: paddle.nn.Layer,
     pass through the model's high-resolution start. Found by one forward of a blank image with hooks (the order
     layers run in, whatever the model's structure); layers are matched to the teacher's by name.
     """
-    order: list[tuple[str, paddle.nn.Layer]] = []
+    order: dict[int, tuple[str, paddle.nn.Layer]] = {}  # first call of each layer, in call order
     owners = [(name, layer) for name, layer in student.named_sublayers()
               if layer.parameters(include_sublayers=False)]
 
     def recorder(name: str, layer: paddle.nn.Layer):
         def record(_layer: paddle.nn.Layer, _inputs: tuple) -> None:
-            if all(seen is not layer for _, seen in order):
-                order.append((name, layer))
+            order.setdefault(id(layer), (name, layer))
         return record
 
     hooks = [layer.register_forward_pre_hook(recorder(name, layer)) for name, layer in owners]
-    was_training = student.training
     try:
-        student.eval()
-        with paddle.no_grad():
+        with eval_mode(student), paddle.no_grad():
             student(paddle.zeros([1, 3, *input_size], dtype="float32"))
     finally:
         for hook in hooks:
             hook.remove()
-        student.train() if was_training else student.eval()
     reference = dict(teacher.named_parameters())
     prefix = []
-    for name, layer in order:
+    for name, layer in order.values():
         for key, parameter in layer.named_parameters(include_sublayers=False):
             theirs = reference.get(f"{name}.{key}")
             if (theirs is None or theirs.shape != parameter.shape
