@@ -11,9 +11,16 @@ fixed share and a share per kind of work, each scaling with that kind's cost in 
 
 with kinds ``FEATURES``: multiply-accumulates of dense (k×k), pointwise (1×1), depthwise and transposed convs, and
 the convs' output volume (the activations, affines and adds that run over every output map). The shares are fitted
-(non-negative least squares, exact at the unpruned model) to random plans timed against the unpruned model with
-`prune.latency`'s interleaved rounds. Shares are per machine, thread count, input size and engine, so the fit is
-cached under a key of all of them (`LatencyModelKey`); each prediction is a few FLOPs counts, no timing.
+(non-negative least squares, the fixed share too, exact at the unpruned model) to random plans timed against the
+unpruned model with `prune.latency`'s interleaved rounds. Shares are per machine, thread count, input size and
+engine, so the fit is cached under a key of all of them (`LatencyModelKey`); each prediction is a few FLOPs counts,
+no timing.
+
+Costs are counted at channel counts rounded up to the CPU's **channel block**: oneDNN computes a conv in blocks of
+channels (8 or 16 floats per vector register pair on AVX2, 16 on AVX-512), so a conv cut from 32 to 24 channels may
+cost what 32 did. Which block this machine computes in is measured, not assumed: the fit is made for each of
+``blocks`` and keeps the one whose leave-one-out prediction error over the timed plans is lowest
+(`choose_block`; no extra timing). It is the alignment a plan should have on this machine (`LatencyModel.block`).
 
 Command line: ``python -m prune.latency_model [model=...] [latency_model.plans=12] [latency_model.validate=0]``
 (``conf/prune_latency_model.yaml``): builds or loads the fit and prints the shares, then, with ``validate=N``, times
@@ -25,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -54,7 +62,8 @@ from train.models.detector import check_input_size
 from train.models.zoo import model_spec
 from train.weights import load_detector
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+BLOCKS = (1, 8, 16, 32)
 FEATURES = ("dense", "pointwise", "depthwise", "transposed", "conv_output")
 FIXED = "fixed"
 
@@ -70,17 +79,34 @@ def conv_kind(layer: nn.Layer) -> str | None:
     return None
 
 
-def cost_features(model: nn.Layer, input_size: tuple[int, int]) -> dict[str, float]:
-    """Each kind's cost in one eval-mode forward at batch 1: multiply-accumulates per conv kind and the convs'
-    output volume (values)."""
-    costs = dict.fromkeys(FEATURES, 0.0)
+def _blocked(channels: int, block: int) -> int:
+    return -(-channels // block) * block
+
+
+def cost_features_by_block(model: nn.Layer, input_size: tuple[int, int],
+                           blocks: Sequence[int] = (1,)) -> dict[int, dict[str, float]]:
+    """Each kind's cost in one eval-mode forward at batch 1, for each channel block: multiply-accumulates per conv
+    kind and the convs' output volume (values), with every conv's input and output channels rounded up to the block
+    (1: the plain counts)."""
+    costs = {block: dict.fromkeys(FEATURES, 0.0) for block in blocks}
 
     def hook(layer: nn.Layer, inputs: tuple, output: paddle.Tensor) -> None:
-        costs[conv_kind(layer)] += conv_macs(layer, inputs, output)
-        costs["conv_output"] += int(np.prod(output.shape))
+        kind = conv_kind(layer)
+        c_in, c_out = int(inputs[0].shape[1]), int(output.shape[1])
+        macs, volume = conv_macs(layer, inputs, output), int(np.prod(output.shape))
+        for block, row in costs.items():
+            scale_out = _blocked(c_out, block) / c_out
+            scale_in = 1.0 if kind == "depthwise" else _blocked(c_in, block) / c_in  # one input channel per output
+            row[kind] += macs * scale_out * scale_in
+            row["conv_output"] += volume * scale_out
 
     hooked_forward(model, input_size, hook, layers=lambda layer: conv_kind(layer) is not None)
     return costs
+
+
+def cost_features(model: nn.Layer, input_size: tuple[int, int], block: int = 1) -> dict[str, float]:
+    """`cost_features_by_block` for one block."""
+    return cost_features_by_block(model, input_size, (block,))[block]
 
 
 def relative_features(costs: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
@@ -89,16 +115,35 @@ def relative_features(costs: Mapping[str, float], reference: Mapping[str, float]
 
 
 def fit_shares(features: Sequence[Mapping[str, float]], ratios: Sequence[float]) -> dict[str, float]:
-    """Non-negative shares per kind, and the fixed share, that best explain the measured ratios
-    (least squares on ``ratio - 1 = Σ share_k (x_k - 1)``, so the unpruned model is exactly 1)."""
+    """Non-negative shares per kind and a non-negative fixed share, summing to one (so the unpruned model is
+    exactly 1), that best explain the measured ratios (least squares on ``ratio = fixed + Σ share_k x_k``; the sum
+    is held by a heavily weighted extra row, the fixed share then set to the exact remainder)."""
     if len(features) != len(ratios) or not ratios:
         raise ValueError(f"{len(features)} feature rows for {len(ratios)} ratios")
-    a = np.array([[row[k] - 1.0 for k in FEATURES] for row in features])
-    b = np.array([r - 1.0 for r in ratios])
+    weight = 1e4 * math.sqrt(len(ratios))
+    a = np.array([[row[k] for k in FEATURES] + [1.0] for row in features] + [[weight] * (len(FEATURES) + 1)])
+    b = np.array([*ratios, weight])
     shares, _ = nnls(a, b)
-    out = {k: float(v) for k, v in zip(FEATURES, shares)}
+    out = {k: float(v) for k, v in zip(FEATURES, shares[:-1])}
     out[FIXED] = 1.0 - sum(out.values())
     return out
+
+
+def leave_one_out_error(features: Sequence[Mapping[str, float]], ratios: Sequence[float]) -> float:
+    """Mean |predicted - measured| / measured of each plan predicted by the fit to the others."""
+    errors = []
+    for i, (row, ratio) in enumerate(zip(features, ratios)):
+        shares = fit_shares([*features[:i], *features[i + 1:]], [*ratios[:i], *ratios[i + 1:]])
+        errors.append(abs(predict_ratio(shares, row) - ratio) / ratio)
+    return statistics.fmean(errors)
+
+
+def choose_block(measured: Sequence[MeasuredPlan], blocks: Sequence[int]) -> tuple[int, dict[int, float]]:
+    """The channel block whose fit predicts the timed plans best (leave-one-out), and each block's error; ties go to
+    the smaller block."""
+    ratios = [m.ratio for m in measured]
+    errors = {b: leave_one_out_error([m.features_by_block[b] for m in measured], ratios) for b in blocks}
+    return min(blocks, key=lambda b: (round(errors[b], 4), b)), errors
 
 
 def predict_ratio(shares: Mapping[str, float], features: Mapping[str, float]) -> float:
@@ -106,9 +151,11 @@ def predict_ratio(shares: Mapping[str, float], features: Mapping[str, float]) ->
 
 
 def latency_predictor(shares: Mapping[str, float], reference: Mapping[str, float],
-                      input_size: tuple[int, int]) -> ModelCost:
-    """A pruned model -> its predicted latency ratio, from a fit's shares and the unpruned model's costs."""
-    return lambda model: predict_ratio(shares, relative_features(cost_features(model, tuple(input_size)), reference))
+                      input_size: tuple[int, int], block: int = 1) -> ModelCost:
+    """A pruned model -> its predicted latency ratio, from a fit's shares and the unpruned model's costs (both
+    counted at ``block``)."""
+    return lambda model: predict_ratio(shares, relative_features(cost_features(model, tuple(input_size), block),
+                                                                 reference))
 
 
 @dataclass(frozen=True)
@@ -122,6 +169,7 @@ class LatencyModelKey:
     align: int
     plans: int
     seed: int
+    blocks: tuple[int, ...] = BLOCKS
     cpu: str = field(default_factory=lambda: cpu_name())
     isa_cap: str = field(default_factory=lambda: os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
     paddle: str = field(default_factory=lambda: paddle.__version__)
@@ -144,34 +192,45 @@ def cpu_name() -> str:
 @dataclass
 class MeasuredPlan:
     kept: dict[str, int]
-    features: dict[str, float]
+    features_by_block: dict[int, dict[str, float]]  # relative_features at each candidate channel block
     ratio: float
     low: float
     high: float
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MeasuredPlan:
+        return cls(**{**data, "features_by_block": {int(b): {k: float(f[k]) for k in FEATURES}
+                                                    for b, f in data["features_by_block"].items()}})
+
 
 @dataclass
 class LatencyModel:
-    """Fitted shares (see module docstring) and the measured plans they come from."""
+    """Fitted shares (see module docstring) at the measured channel block, and the measured plans they come from."""
 
     key: LatencyModelKey
-    reference: dict[str, float]  # the unpruned model's costs
+    block: int                   # the channel block costs are counted at (`choose_block`)
+    block_errors: dict[int, float]  # each candidate block's leave-one-out error over the measured plans
+    reference: dict[str, float]  # the unpruned model's costs at `block`
     shares: dict[str, float]
     measured: list[MeasuredPlan]
     seconds: float
 
     def predict(self, model: nn.Layer) -> float:
         """Predicted latency ratio of ``model`` (a pruned copy of the key's architecture) to the unpruned one."""
-        return latency_predictor(self.shares, self.reference, self.key.input_size)(model)
+        return latency_predictor(self.shares, self.reference, self.key.input_size, self.block)(model)
+
+    def predict_measured(self, plan: MeasuredPlan) -> float:
+        return predict_ratio(self.shares, plan.features_by_block[self.block])
 
     def stored(self) -> dict[str, Any]:
         """What a study keeps of the fit to predict with it (`latency_predictor`), and where it came from."""
-        return {"shares": dict(self.shares), "reference": dict(self.reference), "key": asdict(self.key),
-                "plans": len(self.measured)}
+        return {"shares": dict(self.shares), "reference": dict(self.reference), "block": self.block,
+                "key": asdict(self.key), "plans": len(self.measured)}
 
     def save(self, path: Path) -> None:
-        data = {"schema_version": SCHEMA_VERSION, "key": asdict(self.key), "reference": self.reference,
-                "shares": self.shares, "measured": [asdict(m) for m in self.measured], "seconds": self.seconds}
+        data = {"schema_version": SCHEMA_VERSION, "key": asdict(self.key), "block": self.block,
+                "block_errors": self.block_errors, "reference": self.reference, "shares": self.shares,
+                "measured": [asdict(m) for m in self.measured], "seconds": self.seconds}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)
@@ -183,12 +242,16 @@ class LatencyModel:
             data = json.loads(path.read_text())
             if data.get("schema_version") != SCHEMA_VERSION:
                 raise ValueError(f"schema version {data.get('schema_version')}, expected {SCHEMA_VERSION}")
-            stored = {**data["key"], "input_size": tuple(data["key"]["input_size"])}
+            stored = {**data["key"], "input_size": tuple(data["key"]["input_size"]),
+                      "blocks": tuple(data["key"]["blocks"])}
             if LatencyModelKey(**stored) != key:
                 raise ValueError("its key differs from the requested one")
-            model = cls(key=key, reference={k: float(data["reference"][k]) for k in FEATURES},
+            model = cls(key=key, block=int(data["block"]),
+                        block_errors={int(b): float(e) for b, e in data["block_errors"].items()},
+                        reference={k: float(data["reference"][k]) for k in FEATURES},
                         shares={k: float(data["shares"][k]) for k in (*FEATURES, FIXED)},
-                        measured=[MeasuredPlan(**m) for m in data["measured"]], seconds=float(data["seconds"]))
+                        measured=[MeasuredPlan.from_json(m) for m in data["measured"]],
+                        seconds=float(data["seconds"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{type(exc).__name__}: {exc}") from None
         return model
@@ -216,9 +279,11 @@ def _prunable_widths(groups: Sequence[ChannelGroup], stem: str | None, align: in
 
 
 def measure_plans(model: nn.Layer, model_name: str, groups: Sequence[ChannelGroup], key: LatencyModelKey,
-                  reference: Mapping[str, float], count: int, rng: np.random.Generator, rounds: Mapping[str, Any],
+                  reference: Mapping[int, Mapping[str, float]], count: int, rng: np.random.Generator,
+                  rounds: Mapping[str, Any],
                   progress: Callable[[int, MeasuredPlan], None] | None = None) -> list[MeasuredPlan]:
-    """``count`` random plans of ``model``, each timed against it (interleaved rounds) with its features."""
+    """``count`` random plans of ``model``, each timed against it (interleaved rounds) with its features at each
+    of ``key.blocks`` (``reference``: the unpruned model's costs per block)."""
     widths = _prunable_widths(groups, model_spec(model_name).stem, key.align)
     channels = {g.name: g.channels for g in groups if g.prunable}
     measured = []
@@ -231,11 +296,12 @@ def measure_plans(model: nn.Layer, model_name: str, groups: Sequence[ChannelGrou
                 continue
             plan = plan_of_counts(model_name, kept, channels, key.align, key.input_size)
             pruned = apply_plan(copy.deepcopy(model), plan, list(groups))
-            features = relative_features(cost_features(pruned, key.input_size), reference)
+            costs = cost_features_by_block(pruned, key.input_size, key.blocks)
+            features = {b: relative_features(costs[b], reference[b]) for b in key.blocks}
             export_inference(pruned, candidate_dir)
             ratio: LatencyRatio = interleaved_ratio(candidate_dir, reference_dir, key.input_size,
                                                     threads=key.threads, use_mkldnn=key.use_mkldnn, **rounds)
-            measured.append(MeasuredPlan(kept=kept, features=features, ratio=ratio.ratio, low=ratio.low,
+            measured.append(MeasuredPlan(kept=kept, features_by_block=features, ratio=ratio.ratio, low=ratio.low,
                                          high=ratio.high))
             if progress is not None:
                 progress(len(measured), measured[-1])
@@ -244,15 +310,17 @@ def measure_plans(model: nn.Layer, model_name: str, groups: Sequence[ChannelGrou
 
 def build_latency_model(model: nn.Layer, key: LatencyModelKey, rounds: Mapping[str, Any],
                         progress: Callable[[int, MeasuredPlan], None] | None = None) -> LatencyModel:
-    """Time ``key.plans`` random plans of ``model`` (the unpruned detector) and fit the shares."""
+    """Time ``key.plans`` random plans of ``model`` (the unpruned detector), choose the channel block and fit the
+    shares at it."""
     started = time.perf_counter()
     groups = discover_groups(model)
-    reference = cost_features(model, key.input_size)
+    reference = cost_features_by_block(model, key.input_size, key.blocks)
     measured = measure_plans(model, key.model, groups, key, reference, key.plans, np.random.default_rng(key.seed),
                              rounds, progress)
-    shares = fit_shares([m.features for m in measured], [m.ratio for m in measured])
-    return LatencyModel(key=key, reference=reference, shares=shares, measured=measured,
-                        seconds=time.perf_counter() - started)
+    block, errors = choose_block(measured, key.blocks)
+    shares = fit_shares([m.features_by_block[block] for m in measured], [m.ratio for m in measured])
+    return LatencyModel(key=key, block=block, block_errors=errors, reference=reference[block], shares=shares,
+                        measured=measured, seconds=time.perf_counter() - started)
 
 
 def cached_latency_model(cache_dir: Path, model: nn.Layer, key: LatencyModelKey, rounds: Mapping[str, Any],
@@ -267,7 +335,7 @@ def cached_latency_model(cache_dir: Path, model: nn.Layer, key: LatencyModelKey,
         except ValueError as exc:
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             os.replace(path, aside)
-            print_warning(f"latency model cache {path} is corrupt ({exc}): moved to {aside.name}, rebuilding")
+            print_warning(f"latency model cache {path} cannot be used ({exc}): moved to {aside.name}, rebuilding")
     fitted = build_latency_model(model, key, rounds, progress)
     fitted.save(path)
     return fitted
@@ -275,7 +343,7 @@ def cached_latency_model(cache_dir: Path, model: nn.Layer, key: LatencyModelKey,
 
 def relative_errors(fitted: LatencyModel, plans: Sequence[MeasuredPlan]) -> list[float]:
     """|predicted - measured| / measured for each plan."""
-    return [abs(predict_ratio(fitted.shares, p.features) - p.ratio) / p.ratio for p in plans]
+    return [abs(fitted.predict_measured(p) - p.ratio) / p.ratio for p in plans]
 
 
 def format_shares(fitted: LatencyModel) -> str:
@@ -286,6 +354,8 @@ def format_shares(fitted: LatencyModel) -> str:
         lines.append(f"  {name:<12} {fitted.shares[name]:.3f}")
     fit_errors = relative_errors(fitted, fitted.measured)
     lines.append(f"  fit: mean |error| {statistics.fmean(fit_errors):.3f} over the {len(fit_errors)} fitted plans")
+    blocks = ", ".join(f"{b}: {e:.3f}" for b, e in sorted(fitted.block_errors.items()))
+    lines.append(f"  channel block {fitted.block} (leave-one-out mean |error| per block: {blocks})")
     return "\n".join(lines)
 
 
@@ -317,12 +387,12 @@ def main(cfg: DictConfig) -> None:
         groups = discover_groups(model)
         # Another stream of random plans than the fit's (seed + 1 would overlap a neighbouring key's fit).
         rng = np.random.default_rng([settings.seed, 1])
-        held_out = measure_plans(model, key.model, groups, key, fitted.reference, settings.validate, rng, rounds,
-                                 report)
+        reference = cost_features_by_block(model, key.input_size, key.blocks)
+        held_out = measure_plans(model, key.model, groups, key, reference, settings.validate, rng, rounds, report)
         errors = relative_errors(fitted, held_out)
         mae, max_error = statistics.fmean(errors), max(errors)
         for plan, error in zip(held_out, errors):
-            print(f"  measured {plan.ratio:.3f} predicted {predict_ratio(fitted.shares, plan.features):.3f} "
+            print(f"  measured {plan.ratio:.3f} predicted {fitted.predict_measured(plan):.3f} "
                   f"error {error:.3f}")
         print(f"validation: mean |error| {mae:.3f}, max {max_error:.3f} over {len(held_out)} new plans")
     print_result_line(f"plans={len(fitted.measured)} fixed={fitted.shares[FIXED]:.4f} mae={mae:.4f} "

@@ -404,7 +404,8 @@ class StudyRunner:
         if self._cost is None:
             size = tuple(self.cfg.prune.input_size)
             fit = self.space.cost_model
-            cost = latency_predictor(fit["shares"], fit["reference"], size) if self.space.cost == "latency" else None
+            cost = (latency_predictor(fit["shares"], fit["reference"], size, fit.get("block", 1))  # a pre-block study
+                    if self.space.cost == "latency" else None)
             self._cost = CostOfCounts(self.model, self.cfg.model.name, self.space.align, size, self.groups, cost)
         return self._cost
 

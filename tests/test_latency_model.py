@@ -16,8 +16,9 @@ import pytest
 from conftest import run_cli
 from prune.budget import plan_of_counts
 from prune.groups import discover_groups
-from prune.latency_model import (FEATURES, FIXED, LatencyModel, LatencyModelKey, cached_latency_model, conv_kind,
-                                 cost_features, fit_shares, predict_ratio, random_counts, relative_features)
+from prune.latency_model import (FEATURES, FIXED, LatencyModel, LatencyModelKey, MeasuredPlan, cached_latency_model,
+                                 choose_block, conv_kind, cost_features, cost_features_by_block, fit_shares,
+                                 predict_ratio, random_counts, relative_features)
 from prune.measure import count_flops
 from prune.plan import apply_plan
 from train.models import zoo
@@ -56,6 +57,38 @@ def test_costs_split_the_convs_by_kind_and_shrink_with_a_plan(ppocrv4):
     assert kinds == {"dense", "pointwise", "depthwise", "transposed"}
 
 
+def test_costs_at_a_channel_block_count_a_cut_inside_a_block_as_no_cut(ppocrv4):
+    """Rounded up to 16 channels, a model whose groups were cut by 8 from a multiple of 16 costs what the uncut
+    one does, while the plain counts shrink; rounding never lowers a cost."""
+    groups = discover_groups(ppocrv4)
+    channels = {g.name: g.channels for g in groups if g.prunable}
+    kept = {name: width - 8 for name, width in channels.items() if width % 16 == 0 and width > 16}
+    assert len(kept) > 10
+    cut = apply_plan(copy.deepcopy(ppocrv4), plan_of_counts("ppocrv4_det", kept, channels, 8, SIZE), groups)
+    full, pruned = cost_features_by_block(ppocrv4, SIZE, (1, 16)), cost_features_by_block(cut, SIZE, (1, 16))
+    assert full[1] == cost_features(ppocrv4, SIZE)
+    assert all(full[16][k] >= full[1][k] and pruned[16][k] >= pruned[1][k] for k in FEATURES)
+    plain = relative_features(pruned[1], full[1])
+    blocked = relative_features(pruned[16], full[16])
+    assert plain["pointwise"] < 0.97 and plain["conv_output"] < 0.97, plain
+    # What is left: groups of odd multiples of 8 (e.g. the head's 24 channels feeding a cut 1x1) stay as they were.
+    assert blocked["pointwise"] == pytest.approx(1.0, abs=0.02)
+    assert blocked["conv_output"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_the_block_that_explains_the_timings_is_chosen():
+    """Ratios made by shares over the 16-block costs of random plans are explained exactly at 16, not at 1 or 32."""
+    rng = np.random.default_rng(3)
+    true = {"dense": 0.3, "pointwise": 0.2, "depthwise": 0.0, "transposed": 0.05, "conv_output": 0.35, FIXED: 0.1}
+    plans = []
+    for _ in range(10):
+        by_block = {b: {k: float(rng.uniform(0.2, 1.0)) for k in FEATURES} for b in (1, 16, 32)}
+        ratio = predict_ratio(true, by_block[16])
+        plans.append(MeasuredPlan(kept={}, features_by_block=by_block, ratio=ratio, low=ratio, high=ratio))
+    block, errors = choose_block(plans, (1, 16, 32))
+    assert block == 16 and errors[16] < 1e-6 < min(errors[1], errors[32])
+
+
 def test_fit_recovers_known_shares_and_the_unpruned_model_is_exactly_one():
     true = {"dense": 0.2, "pointwise": 0.3, "depthwise": 0.05, "transposed": 0.0, "conv_output": 0.15}
     true[FIXED] = 1.0 - sum(true.values())
@@ -67,6 +100,9 @@ def test_fit_recovers_known_shares_and_the_unpruned_model_is_exactly_one():
     # Noisy ratios: the shares stay non-negative and still sum to one with the fixed share.
     noisy = fit_shares(rows, [predict_ratio(true, r) * rng.uniform(0.95, 1.05) for r in rows])
     assert all(noisy[k] >= 0 for k in FEATURES) and sum(noisy.values()) == pytest.approx(1.0)
+    # Ratios that only a negative fixed share would explain (time shrinking faster than every cost): fixed stays >= 0.
+    steep = fit_shares(rows, [1.0 - 1.3 * (1.0 - r["dense"]) for r in rows])
+    assert -1e-9 <= steep[FIXED] and all(steep[k] >= 0 for k in FEATURES) and sum(steep.values()) == pytest.approx(1.0)
 
 
 def test_random_counts_stay_on_the_grid_and_below_each_width():
@@ -82,7 +118,7 @@ def test_the_key_names_what_the_fit_depends_on():
     assert key.cpu and key.paddle
     changed = [LatencyModelKey(**{**key.__dict__, field: value}) for field, value in
                (("threads", 2), ("input_size", (96, 96)), ("cpu", "another CPU"), ("paddle", "9.9.9"),
-                ("isa_cap", "AVX2"), ("align", 16), ("use_mkldnn", False))]
+                ("isa_cap", "AVX2"), ("align", 16), ("use_mkldnn", False), ("blocks", (1, 16)))]
     assert len({key.digest(), *(k.digest() for k in changed)}) == 1 + len(changed)
 
 
@@ -92,10 +128,13 @@ def test_the_fit_is_cached_per_key_and_a_corrupt_cache_is_rebuilt(ppocrv4, tmp_p
     fitted = cached_latency_model(tmp_path, ppocrv4, key, ROUNDS, lambda n, plan: timed.append(plan))
     assert len(timed) == len(fitted.measured) == 3 and all(m.low <= m.ratio <= m.high for m in fitted.measured)
     assert sum(fitted.shares.values()) == pytest.approx(1.0) and all(fitted.shares[k] >= 0 for k in FEATURES)
+    assert fitted.block in key.blocks and set(fitted.block_errors) == set(key.blocks)
+    assert fitted.reference == cost_features(ppocrv4, SIZE, fitted.block)
     [path] = tmp_path.glob("ppocrv4_det-*.json")
 
     again = cached_latency_model(tmp_path, ppocrv4, key, ROUNDS, lambda n, plan: timed.append(plan))
     assert len(timed) == 3 and again.shares == fitted.shares and again.reference == fitted.reference  # not re-timed
+    assert again.block == fitted.block and again.measured == fitted.measured
     half = _halved(ppocrv4)
     assert again.predict(half) == pytest.approx(fitted.predict(half))
     assert again.predict(copy.deepcopy(ppocrv4)) == pytest.approx(1.0)

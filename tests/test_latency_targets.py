@@ -48,11 +48,13 @@ def cache_a_fit(cache_dir, plans: int) -> dict[str, float]:
             pruned = apply_plan(copy.deepcopy(model), plan_of_counts("ppocrv4_det", kept, channels, 8, SIZE), groups)
             features = relative_features(cost_features(pruned, SIZE), reference)
             ratio = predict_ratio(SHARES, features)
-            measured.append(MeasuredPlan(kept=kept, features=features, ratio=ratio, low=ratio, high=ratio))
+            measured.append(MeasuredPlan(kept=kept, features_by_block={1: features}, ratio=ratio, low=ratio,
+                                         high=ratio))
     key = LatencyModelKey(model="ppocrv4_det", input_size=SIZE, threads=2, use_mkldnn=True, align=8, plans=plans,
                           seed=0)
     cache_dir.mkdir(parents=True)
-    LatencyModel(key=key, reference=reference, shares=SHARES, measured=measured, seconds=1.0).save(
+    LatencyModel(key=key, block=1, block_errors={1: 0.0}, reference=reference, shares=SHARES, measured=measured,
+                 seconds=1.0).save(
         cache_dir / f"ppocrv4_det-{key.digest()}.json")
     return reference
 
@@ -82,7 +84,7 @@ def test_a_latency_target_study_projects_on_the_stored_fit(tmp_path):
     model = load_detector("ppocrv4_det", "pretrained")
     groups = discover_groups(model)
     channels = {g.name: g.channels for g in groups if g.prunable}
-    predict = latency_predictor(fit["shares"], fit["reference"], SIZE)
+    predict = latency_predictor(fit["shares"], fit["reference"], SIZE, fit["block"])
 
     def predicted(kept: dict[str, int]) -> float:
         plan = plan_of_counts("ppocrv4_det", kept, channels, 8, SIZE)
