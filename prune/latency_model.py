@@ -18,9 +18,11 @@ no timing.
 
 Costs are counted at channel counts rounded up to the CPU's **channel block**: oneDNN computes a conv in blocks of
 channels (8 or 16 floats per vector register pair on AVX2, 16 on AVX-512), so a conv cut from 32 to 24 channels may
-cost what 32 did. Which block this machine computes in is measured, not assumed: the fit is made for each of
-``blocks`` and keeps the one whose leave-one-out prediction error over the timed plans is lowest
-(`choose_block`; no extra timing). It is the alignment a plan should have on this machine (`LatencyModel.block`).
+cost what 32 did. The default block is 16: on this AVX2 machine a fit at 16 predicted new plans better than one at 1,
+8 or 32 in every cross-check (README "Predicting a plan's latency"), and AVX-512's fp32 block is 16. With several
+candidate ``blocks`` the fit is made at each and keeps the one whose leave-one-out prediction error over the timed
+plans is lowest (`choose_block`; no extra timing), to find another CPU's block; 24 plans are too few to choose
+reliably between close blocks on a noisy machine, so the candidates are a setting, not the default.
 
 Command line: ``python -m prune.latency_model [model=...] [latency_model.plans=12] [latency_model.validate=0]``
 (``conf/prune_latency_model.yaml``): builds or loads the fit and prints the shares, then, with ``validate=N``, times
@@ -63,7 +65,7 @@ from train.models.zoo import model_spec
 from train.weights import load_detector
 
 SCHEMA_VERSION = 2
-BLOCKS = (1, 8, 16, 32)
+BLOCKS = (16,)
 FEATURES = ("dense", "pointwise", "depthwise", "transposed", "conv_output")
 FIXED = "fixed"
 
@@ -136,6 +138,14 @@ def leave_one_out_error(features: Sequence[Mapping[str, float]], ratios: Sequenc
         shares = fit_shares([*features[:i], *features[i + 1:]], [*ratios[:i], *ratios[i + 1:]])
         errors.append(abs(predict_ratio(shares, row) - ratio) / ratio)
     return statistics.fmean(errors)
+
+
+def check_blocks(blocks: Sequence[int], name: str) -> tuple[int, ...]:
+    """The candidate channel blocks of a setting, as a key holds them; ConfigError unless positive integers."""
+    values = tuple(blocks) if isinstance(blocks, Sequence) and not isinstance(blocks, str) else ()
+    if not values or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in values):
+        raise ConfigError(f"{name}={list(blocks) if values else blocks}: need a list of channel counts >= 1")
+    return tuple(sorted(set(values)))
 
 
 def choose_block(measured: Sequence[MeasuredPlan], blocks: Sequence[int]) -> tuple[int, dict[int, float]]:
@@ -373,7 +383,7 @@ def main(cfg: DictConfig) -> None:
     model = load_detector(cfg.model.name, cfg.model.checkpoint)
     key = LatencyModelKey(model=cfg.model.name, input_size=input_size, threads=settings.threads,
                           use_mkldnn=settings.use_mkldnn, align=cfg.prune.align, plans=settings.plans,
-                          seed=settings.seed)
+                          seed=settings.seed, blocks=check_blocks(settings.blocks, "latency_model.blocks"))
 
     def report(done: int, plan: MeasuredPlan) -> None:
         print(f"plan {done}: {len(plan.kept)} groups cut, measured ratio {plan.ratio:.3f} "

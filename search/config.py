@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prune.criteria import CRITERIA
 from prune.latency import check_rounds
+from prune.latency_model import check_blocks
 from prune.sensitivity import check_settings as check_sensitivity_settings
 from search.attributes import Metric
 from search.workers import resolve_workers
@@ -138,6 +139,7 @@ def check_search_config(cfg: DictConfig) -> None:
             raise ConfigError(f"search.warm_start.seed_rule_targets: {target} is not a FLOPs reduction in (0, 1)")
     if search.latency_model.plans < 3:
         raise ConfigError(f"search.latency_model.plans={search.latency_model.plans}: need at least 3 measured plans")
+    check_blocks(search.latency_model.blocks, "search.latency_model.blocks")
     if not 0.0 < search.warm_start.tolerance < 1.0:
         raise ConfigError(f"search.warm_start.tolerance={search.warm_start.tolerance}: must be in (0, 1)")
     space = search.space

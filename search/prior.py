@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from prune.groups import ChannelGroup, discover_groups
 from prune.latency import round_settings
-from prune.latency_model import LatencyModel, LatencyModelKey, cached_latency_model
+from prune.latency_model import LatencyModel, LatencyModelKey, cached_latency_model, check_blocks
 from prune.measure import Measurement
 from prune.budget import ModelCost
 from prune.seed_rule import SeedRulePlan, seed_rule_plan
@@ -90,7 +90,7 @@ def latency_model_for(cfg: DictConfig, model: paddle.nn.Layer) -> LatencyModel:
     settings = cfg.search.latency_model
     key = LatencyModelKey(model=cfg.model.name, input_size=tuple(cfg.prune.input_size), threads=cfg.measure.threads,
                           use_mkldnn=cfg.measure.use_mkldnn, align=cfg.prune.align, plans=settings.plans,
-                          seed=settings.seed)
+                          seed=settings.seed, blocks=check_blocks(settings.blocks, "search.latency_model.blocks"))
 
     def report(done: int, plan) -> None:
         log.info("latency model: plan %d of %d timed, ratio %.3f", done, settings.plans, plan.ratio)

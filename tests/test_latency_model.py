@@ -123,7 +123,8 @@ def test_the_key_names_what_the_fit_depends_on():
 
 
 def test_the_fit_is_cached_per_key_and_a_corrupt_cache_is_rebuilt(ppocrv4, tmp_path: Path, capsys):
-    key = LatencyModelKey(model="ppocrv4_det", input_size=SIZE, threads=1, use_mkldnn=True, align=8, plans=3, seed=0)
+    key = LatencyModelKey(model="ppocrv4_det", input_size=SIZE, threads=1, use_mkldnn=True, align=8, plans=3, seed=0,
+                          blocks=(1, 16))
     timed = []
     fitted = cached_latency_model(tmp_path, ppocrv4, key, ROUNDS, lambda n, plan: timed.append(plan))
     assert len(timed) == len(fitted.measured) == 3 and all(m.low <= m.ratio <= m.high for m in fitted.measured)
@@ -153,6 +154,7 @@ def test_the_fit_is_cached_per_key_and_a_corrupt_cache_is_rebuilt(ppocrv4, tmp_p
     ("latency_model.plans=2", "latency_model.plans=2: need at least 3"),
     ("latency_model.input_size=[60,64]", "latency_model.input_size"),
     ("latency_model.max_rounds=10", "latency_model.max_rounds=10"),
+    ("latency_model.blocks=[]", "latency_model.blocks=[]: need a list of channel counts"),
 ])
 def test_bad_settings_are_one_line_errors(cache_env, override, message):
     proc = run_cli("prune.latency_model", [override], cache_env)

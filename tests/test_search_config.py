@@ -35,6 +35,7 @@ def test_default_config_composes_and_passes():
     ("search.targets=[speed:0.5]", "search.targets: 'speed:0.5' is not a target"),
     ("search.targets=[0.5,latency:0.6]", "targets of one study bound one cost"),
     ("search.latency_model.plans=2", "search.latency_model.plans=2: need at least 3"),
+    ("search.latency_model.blocks=[0,16]", "search.latency_model.blocks=[0, 16]: need a list of channel counts"),
     ("search.space.max_offset=0", "search.space.max_offset=0"),
     ("search.space.tolerance=0.5", "search.space.tolerance=0.5"),
     ("search.space.skip_probability=[0.5,0.1]", "skip_probability"),
