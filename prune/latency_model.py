@@ -17,12 +17,13 @@ engine, so the fit is cached under a key of all of them (`LatencyModelKey`); eac
 no timing.
 
 Costs are counted at channel counts rounded up to the CPU's **channel block**: oneDNN computes a conv in blocks of
-channels (8 or 16 floats per vector register pair on AVX2, 16 on AVX-512), so a conv cut from 32 to 24 channels may
-cost what 32 did. The default block is 16: on this AVX2 machine a fit at 16 predicted new plans better than one at 1,
-8 or 32 in every cross-check (README "Predicting a plan's latency"), and AVX-512's fp32 block is 16. With several
-candidate ``blocks`` the fit is made at each and keeps the one whose leave-one-out prediction error over the timed
-plans is lowest (`choose_block`; no extra timing), to find another CPU's block; 24 plans are too few to choose
-reliably between close blocks on a noisy machine, so the candidates are a setting, not the default.
+channels (its fp32 layouts block by 8 on AVX2 and 16 on AVX-512, and its kernels may work on several blocks at
+once), so a conv cut from 32 to 24 channels may cost what 32 did. The default block is 16: on this AVX2 machine a
+fit at 16 predicted new plans better than one at 1, 8 or 32 in every cross-check (README "Predicting a plan's
+latency"), and AVX-512's fp32 block is 16. With several candidate ``blocks`` the fit is made at each and keeps the
+one whose leave-one-out prediction error over the timed plans is lowest (`choose_block`; no extra timing), to find
+another CPU's block; 24 plans are too few to choose reliably between close blocks on a noisy machine, so the
+candidates are a setting, not the default.
 
 Command line: ``python -m prune.latency_model [model=...] [latency_model.plans=12] [latency_model.validate=0]``
 (``conf/prune_latency_model.yaml``): builds or loads the fit and prints the shares, then, with ``validate=N``, times
