@@ -144,8 +144,8 @@ def main() -> None:
     for label in args.configs:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MKL_", "ONEDNN_", "OMP_", "FLAGS_"))}
         env.update(CONFIGS[label])
-        run = subprocess.run([sys.executable, __file__, "--child"], check=False, env=env, capture_output=True, text=True,
-                             cwd=REPO)
+        run = subprocess.run([sys.executable, __file__, "--child"], check=False, env=env, capture_output=True,
+                             text=True, cwd=REPO)
         if run.returncode != 0:
             sys.exit(f"error: configuration {label} failed:\n{run.stderr[-2000:]}")
         rows[label] = json.loads(run.stdout.strip().splitlines()[-1])

@@ -21,9 +21,10 @@ accumulates for convolutions), except for transposed convolutions:
 
 Params (``count_params``): number of values in the Paddle parameters of the layers that run in eval mode, in
 the inference form the export saves (``train.inference.inference_form``: PPLCNetV3's foldable scalar affines
-folded into their convs, the head's last transposed conv as a 1x1 conv), i.e. exactly the tensors the exported inference program stores. Paddle keeps BatchNorm running mean/variance as
-parameters, so they are included (as in ``paddle.flops``' "Total Params"); ``head.thresh`` is excluded, and so
-are parameters a layer holds but never applies (PPLCNetV3's stride-2 activation scalars).
+folded into their convs, the head's last transposed conv as a 1x1 conv), i.e. exactly the tensors the exported
+inference program stores. Paddle keeps BatchNorm running mean/variance as parameters, so they are included (as
+in ``paddle.flops``' "Total Params"); ``head.thresh`` is excluded, and so are parameters a layer holds but never
+applies (PPLCNetV3's stride-2 activation scalars).
 
 Latency (``measure_latency``): the model exported with ``paddle.jit.save`` (Paddle 3 PIR: ``inference.json`` +
 ``inference.pdiparams``) and run by Paddle Inference on CPU with a fixed thread count, oneDNN on by default,

@@ -199,8 +199,10 @@ def format_tables(unpruned: Profile, pruned: Profile | None, top: int = 12) -> s
         lines.append(row)
     total = f"| total | 100% | 100% | {unpruned.total_ms:.1f} |"
     if pruned:
-        total += f" {_ratio(pruned.total_ms, unpruned.total_ms)} | {_ratio(sum(pruned.kind_flops.values()), flops_total)} |"
-    lines += [total, "", "| op type | kind | calls/run | time share | ms |" + (" pruned ms | pruned time ratio |" if pruned else ""),
+        total += (f" {_ratio(pruned.total_ms, unpruned.total_ms)} | "
+                  f"{_ratio(sum(pruned.kind_flops.values()), flops_total)} |")
+    header = "| op type | kind | calls/run | time share | ms |" + (" pruned ms | pruned time ratio |" if pruned else "")
+    lines += [total, "", header,
               "|---|---|---|---|---|" + ("---|---|" if pruned else "")]
     for op in unpruned.ops[:top]:
         row = f"| {op.op} | {op_kind(op.op)} | {op.calls:g} | {op.ms / unpruned.total_ms:.1%} | {op.ms:.2f} |"

@@ -22,12 +22,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-MLFLOW_NOTE = "mlflow.note.content"  # a run's description in the UI
-EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's "Model training"
-
 from search.config import mask_url
 from train.errors import ConfigError
 from train.locks import host_lock
+
+MLFLOW_NOTE = "mlflow.note.content"  # a run's description in the UI
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # the UI's "Model training"
 
 # MLflow's per-request limits for log_batch.
 _MAX_PARAMS = 100
@@ -156,7 +156,8 @@ class Tracker:
             self.client.search_experiments(max_results=1)
         except Exception as exc:  # store back-ends raise MlflowException, SQLAlchemy and OS errors alike
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ConfigError(f"tracking.uri={where}: cannot use it ({type(exc).__name__}: {mask_url(first)})") from None
+            raise ConfigError(f"tracking.uri={where}: cannot use it ({type(exc).__name__}: "
+                              f"{mask_url(first)})") from None
 
     def experiment_id(self) -> str:
         """Id of the study's experiment, created on first use (with the configured artifact location)."""
@@ -177,7 +178,8 @@ class Tracker:
             # Another worker created it between the lookup and the create.
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
-    def start_run(self, name: str, parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None) -> RunLogger:
+    def start_run(self, name: str, parent_run_id: str | None = None,
+                  tags: Mapping[str, Any] | None = None) -> RunLogger:
         all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id

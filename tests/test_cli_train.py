@@ -92,7 +92,8 @@ def test_checkpoint_of_another_model_is_one_line_error(tmp_path: Path, cache_env
                                       "finetune.warmup_steps=0", "data.train.crop_size=64", "evaluate_before=false",
                                       "evaluate_after=false", f"out_dir={out}", f"hydra.run.dir={out}"], cache_env)
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("train.evaluate", [*TINY_SYNTHETIC, "model=det_mv3_db", f"model.checkpoint={out / 'finetuned.pdparams'}",
+    proc = run_cli("train.evaluate", [*TINY_SYNTHETIC, "model=det_mv3_db",
+                                      f"model.checkpoint={out / 'finetuned.pdparams'}",
                                       f"hydra.run.dir={tmp_path / 'run'}"], cache_env)
     assert proc.returncode == 2
     last = _last_line(proc.stderr)

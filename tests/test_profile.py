@@ -57,4 +57,5 @@ def test_cli_prints_the_tables_and_a_last_line(tmp_path: Path, cache_env):
     assert match, lines[-1]
     assert float(match.group(1)) > 0 and sum(float(share) for share in match.groups()[1:]) == pytest.approx(1, abs=1e-3)
     bad = run_cli("prune.profile", ["profile.runs=0", f"hydra.run.dir={tmp_path}"], cache_env, cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: profile.threads=1, profile.runs=0")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: profile.threads=1, profile.runs=0")

@@ -60,7 +60,7 @@ def _files_containing(secret: str, *folders: Path) -> list[Path]:
     return [p for folder in folders for p in folder.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
-def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(postgres, mlflow_server, tmp_path):
+def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(postgres, mlflow_server, tmp_path):  # noqa: F811
     workers = [_start_worker(i, tmp_path, postgres.url, mlflow_server.uri) for i in range(WORKERS)]
     results = _finish(workers)
     for i, (code, out, err) in enumerate(results):

@@ -75,7 +75,8 @@ def test_study_has_the_budget_of_finished_trials_with_the_warm_start_first(study
 def test_mlflow_has_one_parent_and_one_comparable_child_per_trial(study_run):
     _, _, _, study, client = study_run
     parent, children = _runs(client)
-    assert parent.info.status == "FINISHED" and parent.data.tags["chosen_trial"] == str(study.user_attrs["chosen_trial"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["chosen_trial"] == str(study.user_attrs["chosen_trial"])
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     by_number = {int(c.data.params["trial_number"]): c for c in children}
     assert sorted(by_number) == [t.number for t in study.trials]

@@ -127,8 +127,10 @@ class SensitivityTable:
             raise CorruptCache(f"schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
         try:
             key = SensitivityKey(**{**data["key"], "ratios": tuple(data["key"]["ratios"])})
-            table = cls(key=key, base=float(data["base"]), channels={str(k): int(v) for k, v in data["channels"].items()},
-                        losses={str(g): {str(r): float(v) for r, v in row.items()} for g, row in data["losses"].items()},
+            table = cls(key=key, base=float(data["base"]),
+                        channels={str(k): int(v) for k, v in data["channels"].items()},
+                        losses={str(g): {str(r): float(v) for r, v in row.items()}
+                                for g, row in data["losses"].items()},
                         seconds=float(data.get("seconds", 0.0)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptCache(f"malformed table ({type(exc).__name__}: {exc})") from None
