@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from train.evaluation import Boxes
-from train.metric import DetectionIoUEvaluator
+from train.metric import DetectionIoUEvaluator, ImageCounts
 
 
 @dataclass(frozen=True)
@@ -32,16 +32,20 @@ class AgreementScores:
     text_free: int
 
 
+def agreement_counts(student: list[Boxes], teacher: list[Boxes]) -> list[ImageCounts]:
+    """Each image's match counts with ``teacher``'s boxes as the ground truth (no don't-care regions)."""
+    if len(student) != len(teacher):
+        raise ValueError(f"{len(student)} student images but {len(teacher)} teacher images")
+    evaluator = DetectionIoUEvaluator()
+    return [evaluator.evaluate_image(t, [False] * len(t), s) for s, t in zip(student, teacher)]
+
+
 def agreement_scores(student: list[Boxes], teacher: list[Boxes]) -> AgreementScores:
     """Compare per-image box lists; ``teacher`` plays the ground truth (no don't-care regions).
 
     When the teacher finds nothing on any image, a student that also finds nothing agrees fully (1.0).
     """
-    if len(student) != len(teacher):
-        raise ValueError(f"{len(student)} student images but {len(teacher)} teacher images")
-    evaluator = DetectionIoUEvaluator()
-    counts = [evaluator.evaluate_image(t, [False] * len(t), s) for s, t in zip(student, teacher)]
-    scores = evaluator.combine(counts)
+    scores = DetectionIoUEvaluator().combine(agreement_counts(student, teacher))
     text_free = [len(s) for s, t in zip(student, teacher) if not t]
     if scores.gt_care == 0 and scores.det_care == 0:
         precision = recall = hmean = 1.0

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from train.data.dataset import DetDataset
 from train.locks import cpu_work
-from train.metric import DetMetric, DetScores
+from train.metric import DetectionIoUEvaluator, DetMetric, DetScores, ImageCounts
 from train.postprocess import DBPostProcess
 
 Boxes = list[np.ndarray]
@@ -33,11 +33,18 @@ def evaluate_detector(
 
     The model is put in eval mode and left there.
     """
+    return DetectionIoUEvaluator().combine(image_counts(model, dataset, postprocess, max_images, progress))
+
+
+def image_counts(model: paddle.nn.Layer, dataset: DetDataset, postprocess: DBPostProcess,
+                 max_images: int | None = None, progress: bool = True) -> list[ImageCounts]:
+    """What each of the first `max_images` images of `dataset` contributes to `evaluate_detector`'s totals (for
+    statistics over images, e.g. `train.ranking`)."""
     metric = DetMetric()
     for index, boxes in enumerate(detect(model, dataset, postprocess, progress, "evaluate", max_images)):
         regions = dataset.ground_truth(index)
         metric.update(boxes, [r.points for r in regions], [r.ignore for r in regions])
-    return metric.compute()
+    return metric.results
 
 
 def images_scored(dataset: DetDataset, max_images: int | None) -> int:
