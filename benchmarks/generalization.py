@@ -195,7 +195,7 @@ def study_check(out_dir: Path, cfg, shifted_set, guard_set, teacher_boxes, postp
                      "shifted": DetectionIoUEvaluator().combine(shifted_counts[-1]).hmean,
                      "baseline": a.get("baseline", ""), "reeval_of": a.get("reeval_of")})
         print(json.dumps(rows[-1]), flush=True)
-    check = {"trials": rows}
+    check = {"trials": rows, "rank": {}}
     pruned = [i for i, r in enumerate(rows) if r["flops_ratio"] < 1.0]
     for name, chosen in (("runs", pruned), ("trials", [i for i in pruned if rows[i]["reeval_of"] is None])):
         if len(chosen) < 3:
@@ -204,7 +204,7 @@ def study_check(out_dir: Path, cfg, shifted_set, guard_set, teacher_boxes, postp
         shifted = counts_array([shifted_counts[i] for i in chosen])
         text_images = [bool(boxes) for boxes in teacher_boxes]  # a diagnosis only: shifted_v1 has text on every image
         hmean_rho = spearmanr([rows[i]["hmean"] for i in chosen], [rows[i]["shifted"] for i in chosen]).statistic
-        check[name] = {**asdict(rank_agreement(guard, shifted)), "spearman_hmean_shifted": float(hmean_rho),
+        check["rank"][name] = {**asdict(rank_agreement(guard, shifted)), "spearman_hmean_shifted": float(hmean_rho),
                        "text_images": asdict(rank_agreement(guard[:, text_images], shifted))}
     return check
 
@@ -217,12 +217,13 @@ def format_study(check: dict) -> str:
         lines.append(f"| {r['trial']} {kind} | −{1 - r['flops_ratio']:.1%} | {r['hmean']:.3f} | "
                      f"{r['agreement']:.3f} | {r['false_boxes']:.2f} | {r['shifted']:.3f} |")
     for name, label in (("trials", "study trials"), ("runs", "runs (trials and re-evaluations)")):
-        if name in check:
-            c, t = check[name], check[name]["text_images"]
+        if name in check["rank"]:
+            c, t = check["rank"][name], check["rank"][name]["text_images"]
             lines.append(f"\nSpearman over the {c['models']} pruned {label}: agreement vs shifted_v1 "
                          f"{c['spearman']:.2f} (95% bootstrap interval {c['low']:.2f} to {c['high']:.2f}); "
                          f"split-half reliability: guard {c['reliability_a']:.2f}, shifted_v1 {c['reliability_b']:.2f}"
-                         f", so at most {c['ceiling']:.2f} for any guard metric; in-distribution hmean vs shifted_v1 "
+                         f", which bounds what any metric on these images can show at about {c['ceiling']:.2f}; "
+                         f"in-distribution hmean vs shifted_v1 "
                          f"{c['spearman_hmean_shifted']:.2f}; agreement on the guard's text images alone (where the "
                          f"teacher finds text) vs shifted_v1 {t['spearman']:.2f} ({t['low']:.2f} to {t['high']:.2f})")
     return "\n".join(lines)
