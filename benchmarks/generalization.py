@@ -49,7 +49,7 @@ from search.objective import recover_candidate  # noqa: E402
 from prune.groups import discover_groups  # noqa: E402
 from prune.plan import PruningPlan, apply_plan, load_pruned  # noqa: E402
 from prune.seed_rule import seed_rule_plan  # noqa: E402
-from train.agreement import agreement_counts, agreement_scores  # noqa: E402
+from train.agreement import agreement_counts, agreement_from_counts, agreement_scores  # noqa: E402
 from train.data.source import build_dataset, resolve_data  # noqa: E402
 from train.data.unlabeled import resolve_unlabeled, unlabeled_eval_set  # noqa: E402
 from train.evaluation import detect, evaluate_detector, image_counts  # noqa: E402
@@ -185,8 +185,8 @@ def study_check(out_dir: Path, cfg, shifted_set, guard_set, teacher_boxes, postp
         model = load_pruned(cfg.model.name, PruningPlan.load(folder / "plan.json"), folder / "finetuned.pdparams")
         forward = fast_forward(model, len(guard_set) + len(shifted_set))
         student_boxes = detect(forward, guard_set, postprocess)
-        guard = agreement_scores(student_boxes, teacher_boxes)
         guard_counts.append(agreement_counts(student_boxes, teacher_boxes))
+        guard = agreement_from_counts(guard_counts[-1], student_boxes, teacher_boxes)
         shifted_counts.append(image_counts(forward, shifted_set, postprocess, progress=False))
         a = trial.user_attrs
         rows.append({"trial": trial.number, "flops_ratio": a["flops_ratio"], "hmean": a["hmean"],
@@ -197,15 +197,15 @@ def study_check(out_dir: Path, cfg, shifted_set, guard_set, teacher_boxes, postp
         print(json.dumps(rows[-1]), flush=True)
     check = {"trials": rows, "rank": {}}
     pruned = [i for i, r in enumerate(rows) if r["flops_ratio"] < 1.0]
+    text_images = [bool(boxes) for boxes in teacher_boxes]  # a diagnosis only: shifted_v1 has text on every image
     for name, chosen in (("runs", pruned), ("trials", [i for i in pruned if rows[i]["reeval_of"] is None])):
         if len(chosen) < 3:
             continue
         guard = counts_array([guard_counts[i] for i in chosen])
         shifted = counts_array([shifted_counts[i] for i in chosen])
-        text_images = [bool(boxes) for boxes in teacher_boxes]  # a diagnosis only: shifted_v1 has text on every image
         hmean_rho = spearmanr([rows[i]["hmean"] for i in chosen], [rows[i]["shifted"] for i in chosen]).statistic
         check["rank"][name] = {**asdict(rank_agreement(guard, shifted)), "spearman_hmean_shifted": float(hmean_rho),
-                       "text_images": asdict(rank_agreement(guard[:, text_images], shifted))}
+                               "text_images": asdict(rank_agreement(guard[:, text_images], shifted))}
     return check
 
 
@@ -223,9 +223,9 @@ def format_study(check: dict) -> str:
                          f"{c['spearman']:.2f} (95% bootstrap interval {c['low']:.2f} to {c['high']:.2f}); "
                          f"split-half reliability: guard {c['reliability_a']:.2f}, shifted_v1 {c['reliability_b']:.2f}"
                          f", which bounds what any metric on these images can show at about {c['ceiling']:.2f}; "
-                         f"in-distribution hmean vs shifted_v1 "
-                         f"{c['spearman_hmean_shifted']:.2f}; agreement on the guard's text images alone (where the "
-                         f"teacher finds text) vs shifted_v1 {t['spearman']:.2f} ({t['low']:.2f} to {t['high']:.2f})")
+                         f"in-distribution hmean vs shifted_v1 {c['spearman_hmean_shifted']:.2f}; agreement on the "
+                         f"guard's text images alone (where the teacher finds text) vs shifted_v1 {t['spearman']:.2f} "
+                         f"({t['low']:.2f} to {t['high']:.2f})")
     return "\n".join(lines)
 
 

@@ -45,7 +45,13 @@ def agreement_scores(student: list[Boxes], teacher: list[Boxes]) -> AgreementSco
 
     When the teacher finds nothing on any image, a student that also finds nothing agrees fully (1.0).
     """
-    scores = DetectionIoUEvaluator().combine(agreement_counts(student, teacher))
+    return agreement_from_counts(agreement_counts(student, teacher), student, teacher)
+
+
+def agreement_from_counts(counts: list[ImageCounts], student: list[Boxes], teacher: list[Boxes]) -> AgreementScores:
+    """`agreement_scores` from the per-image ``counts`` `agreement_counts` gave for these box lists (for a caller
+    that needs the counts too, so the boxes are matched once)."""
+    scores = DetectionIoUEvaluator().combine(counts)
     text_free = [len(s) for s, t in zip(student, teacher) if not t]
     if scores.gt_care == 0 and scores.det_care == 0:
         precision = recall = hmean = 1.0
